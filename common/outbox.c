@@ -1,0 +1,394 @@
+/* Outbox relay and replay (see outbox.h). */
+#include "outbox.h"
+
+#include "db.h"
+#include "log.h"
+#include "pbjson.h"
+#include "util.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define S_CLAIM_LIMIT 2000       /* rows per claim */
+#define S_REPLAY_MAX 1000        /* events per replay reply */
+
+struct outbox {
+    struct event_base *base;
+    db_t *db;                    /* claims and replays */
+    PGconn *listen;              /* LISTEN connection, NULL while down */
+    struct event *listen_ev;     /* read watch on listen's socket */
+    struct event *tick;          /* 1 s: poll, heartbeat, reconnect */
+    bus_sock_t *pub;             /* borrowed */
+    char *conninfo, *schema, *stream, *source;
+    char *claim_sql, *replay_sql, *state_sql;
+    bool claiming;               /* a claim is in the database */
+    bool again;                  /* kicked while claiming */
+    uint64_t epoch, last_seq;
+    unsigned long long published;
+};
+
+/* Builds the event envelope for one outbox row (columns as returned by
+ * outbox_claim/outbox_replay). An event type this build does not know is
+ * sent with an empty Event, so subscribers still advance past it. Caller
+ * frees with protobuf_c_message_free_unpacked. */
+static Linli__Envelope *s_row_envelope(const outbox_t *o, const PGresult *res, int row)
+{
+    Linli__Envelope *e = xmalloc(sizeof *e);
+    linli__envelope__init(e);
+    e->sequence = strtoull(PQgetvalue(res, row, 0), NULL, 10);
+    e->epoch = strtoull(PQgetvalue(res, row, 1), NULL, 10);
+    e->id = xstrdup(PQgetvalue(res, row, 2));
+    const char *type = PQgetvalue(res, row, 3);
+    e->type = xasprintf("%s.%s", o->stream, type);
+    e->community_id = strtoll(PQgetvalue(res, row, 4), NULL, 10);
+    e->trace_id = xstrdup(PQgetvalue(res, row, 5));
+    e->occurred_at = strtoll(PQgetvalue(res, row, 6), NULL, 10);
+    e->stream = xstrdup(o->stream);
+    e->source = xstrdup(o->source);
+    e->payload_case = LINLI__ENVELOPE__PAYLOAD_EVENT;
+
+    json_error_t jerr;
+    json_t *payload = json_loads(PQgetvalue(res, row, 7), 0, &jerr);
+    json_t *j = json_object();
+    if (payload && pbjson_field(&linli__event__descriptor, type))
+        json_object_set(j, type, payload);
+    json_decref(payload);
+    char err[200];
+    e->event = (Linli__Event *)pbjson_to_message(&linli__event__descriptor, j, err, sizeof err);
+    json_decref(j);
+    if (!e->event) {
+        log_error("outbox", "event payload does not fit the proto type=%s seq=%" PRIu64 " err=%s",
+                  type, e->sequence, err);
+        e->event = xmalloc(sizeof *e->event);
+        linli__event__init(e->event);
+    }
+    return e;
+}
+
+static void s_publish(outbox_t *o, const Linli__Envelope *e)
+{
+    size_t len;
+    uint8_t *buf = envelope_encode(e, &len);
+    const void *data[2] = { o->stream, buf };
+    size_t size[2] = { strlen(o->stream), len };
+    /* PUB never blocks: a slow subscriber loses messages at its high-water
+     * mark, notices the gap and replays from the table. */
+    bus_send(o->pub, 2, data, size);
+    free(buf);
+}
+
+static void s_claim(outbox_t *o);
+
+static void s_on_claimed(const PGresult *res, void *arg)
+{
+    outbox_t *o = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK)
+        return;
+    int n = PQntuples(res);
+    for (int i = 0; i < n; i++) {
+        Linli__Envelope *e = s_row_envelope(o, res, i);
+        s_publish(o, e);
+        o->epoch = e->epoch;
+        o->last_seq = e->sequence;
+        o->published++;
+        protobuf_c_message_free_unpacked(&e->base, NULL);
+    }
+    if (n == S_CLAIM_LIMIT)
+        o->again = true;
+}
+
+static void s_on_claim_done(int status, const char *errmsg, void *arg)
+{
+    outbox_t *o = arg;
+    o->claiming = false;
+    if (status != 0) {
+        log_warn("outbox", "claim failed err=%s", errmsg ? errmsg : "?");
+        return; /* the tick retries */
+    }
+    if (o->again)
+        s_claim(o);
+}
+
+static void s_claim(outbox_t *o)
+{
+    if (o->claiming) {
+        o->again = true;
+        return;
+    }
+    o->claiming = true;
+    o->again = false;
+    char limit[16];
+    snprintf(limit, sizeof limit, "%d", S_CLAIM_LIMIT);
+    const char *params[2] = { o->stream, limit };
+    db_batch_t *b = db_batch_new(false);
+    db_batch_add(b, o->claim_sql, 2, params, s_on_claimed, o);
+    db_batch_submit(o->db, &b, s_on_claim_done, o);
+}
+
+void outbox_kick(outbox_t *o)
+{
+    s_claim(o);
+}
+
+/* ---- LISTEN connection ---- */
+
+static void s_listen_close(outbox_t *o)
+{
+    if (o->listen_ev)
+        event_free(o->listen_ev);
+    o->listen_ev = NULL;
+    if (o->listen)
+        PQfinish(o->listen);
+    o->listen = NULL;
+}
+
+static void s_on_notify(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    outbox_t *o = arg;
+    if (!PQconsumeInput(o->listen)) {
+        log_warn("outbox", "listen connection lost err=%s", PQerrorMessage(o->listen));
+        s_listen_close(o);
+        return;
+    }
+    PGnotify *n;
+    int got = 0;
+    while ((n = PQnotifies(o->listen)) != NULL) {
+        PQfreemem(n);
+        got = 1;
+    }
+    if (got)
+        s_claim(o);
+}
+
+static int s_listen_open(outbox_t *o)
+{
+    o->listen = PQconnectdb(o->conninfo);
+    if (PQstatus(o->listen) != CONNECTION_OK) {
+        log_warn("outbox", "listen connect failed err=%s", PQerrorMessage(o->listen));
+        goto fail;
+    }
+    char *chan = xasprintf("%s_outbox", o->schema);
+    char *q = PQescapeIdentifier(o->listen, chan, strlen(chan));
+    char *sql = xasprintf("LISTEN %s", q ? q : "x");
+    free(chan);
+    PQfreemem(q);
+    PGresult *r = db_exec(o->listen, sql, 0, NULL);
+    free(sql);
+    if (!r)
+        goto fail;
+    PQclear(r);
+    const char *params[1] = { o->stream };
+    r = db_exec(o->listen, o->state_sql, 1, params);
+    if (!r)
+        goto fail;
+    if (PQntuples(r) != 1) {
+        log_error("outbox", "stream not found in %s.outbox_stream stream=%s (migrated?)", o->schema,
+                  o->stream);
+        PQclear(r);
+        goto fail;
+    }
+    o->epoch = strtoull(PQgetvalue(r, 0, 0), NULL, 10);
+    o->last_seq = strtoull(PQgetvalue(r, 0, 1), NULL, 10);
+    PQclear(r);
+    PQsetnonblocking(o->listen, 1);
+    o->listen_ev = event_new(o->base, PQsocket(o->listen), EV_READ | EV_PERSIST, s_on_notify, o);
+    event_add(o->listen_ev, NULL);
+    return 0;
+fail:
+    s_listen_close(o);
+    return -1;
+}
+
+static void s_heartbeat(outbox_t *o)
+{
+    Linli__Heartbeat hb = LINLI__HEARTBEAT__INIT;
+    hb.stream = o->stream;
+    hb.epoch = o->epoch;
+    hb.last_sequence = o->last_seq;
+    Linli__Envelope e = LINLI__ENVELOPE__INIT;
+    char id[37];
+    uuid_new(id);
+    e.id = id;
+    e.type = (char *)"heartbeat";
+    e.source = o->source;
+    e.stream = o->stream;
+    e.epoch = o->epoch;
+    e.sequence = o->last_seq;
+    e.occurred_at = now_ms();
+    e.payload_case = LINLI__ENVELOPE__PAYLOAD_HEARTBEAT;
+    e.heartbeat = &hb;
+    s_publish(o, &e);
+}
+
+static void s_on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    outbox_t *o = arg;
+    if (!o->listen)
+        s_listen_open(o);
+    s_claim(o);
+    s_heartbeat(o);
+}
+
+/* ---- replay ---- */
+
+typedef struct {
+    outbox_t *o;
+    cmdsrv_t *srv;
+    cmdsrv_req_t *req;
+    Linli__ReplayResult *result;   /* built as rows arrive */
+    uint64_t asked_epoch;
+    unsigned limit;
+    bool state_ok;
+} s_replay_t;
+
+static void s_on_replay_state(const PGresult *res, void *arg)
+{
+    s_replay_t *r = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1)
+        return;
+    r->state_ok = true;
+    r->result->epoch = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
+    r->result->last_sequence = strtoull(PQgetvalue(res, 0, 1), NULL, 10);
+}
+
+static void s_on_replay_rows(const PGresult *res, void *arg)
+{
+    s_replay_t *r = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK)
+        return;
+    int n = PQntuples(res);
+    if (r->asked_epoch && r->asked_epoch != r->result->epoch) {
+        /* History restarted: the subscriber must start over from 0. */
+        r->result->epoch_changed = 1;
+        return;
+    }
+    r->result->events = xcalloc((size_t)n, sizeof *r->result->events);
+    for (int i = 0; i < n; i++)
+        r->result->events[r->result->n_events++] = s_row_envelope(r->o, res, i);
+    r->result->more = (unsigned)n == r->limit;
+}
+
+static void s_on_replay_done(int status, const char *errmsg, void *arg)
+{
+    s_replay_t *r = arg;
+    Linli__Reply *reply = xmalloc(sizeof *reply);
+    linli__reply__init(reply);
+    if (status != 0 || !r->state_ok) {
+        protobuf_c_message_free_unpacked(&r->result->base, NULL);
+        linli__reply__free_unpacked(reply, NULL);
+        log_warn("outbox", "replay failed err=%s", errmsg ? errmsg : "stream not found");
+        cmdsrv_reply_error(r->srv, &r->req, "unavailable", "replay failed; retry");
+    } else {
+        reply->ok = 1;
+        reply->result_case = LINLI__REPLY__RESULT_REPLAY;
+        reply->replay = r->result;
+        cmdsrv_reply(r->srv, &r->req, reply);
+    }
+    free(r);
+}
+
+void outbox_replay(outbox_t *o, cmdsrv_t *srv, cmdsrv_req_t **req_p)
+{
+    cmdsrv_req_t *req = *req_p;
+    *req_p = NULL;
+    const Linli__Replay *rq = cmdsrv_req_envelope(req)->command->replay;
+    if (!rq->stream || strcmp(rq->stream, o->stream) != 0) {
+        cmdsrv_reply_error(srv, &req, "not_found", "no such stream");
+        return;
+    }
+    s_replay_t *r = xcalloc(1, sizeof *r);
+    r->o = o;
+    r->srv = srv;
+    r->req = req;
+    r->asked_epoch = rq->epoch;
+    r->limit = rq->limit == 0 || rq->limit > S_REPLAY_MAX ? S_REPLAY_MAX : rq->limit;
+    r->result = xmalloc(sizeof *r->result);
+    linli__replay_result__init(r->result);
+    char after[24], limit[16];
+    snprintf(after, sizeof after, "%" PRIu64, rq->after_sequence);
+    snprintf(limit, sizeof limit, "%u", r->limit);
+    const char *p1[1] = { o->stream };
+    const char *p3[3] = { o->stream, after, limit };
+    /* State first, then rows: last_sequence may lag the rows by a few events
+     * committed in between, which only makes the subscriber ask once more. */
+    db_batch_t *b = db_batch_new(true);
+    db_batch_add(b, o->state_sql, 1, p1, s_on_replay_state, r);
+    db_batch_add(b, o->replay_sql, 3, p3, s_on_replay_rows, r);
+    db_batch_submit(o->db, &b, s_on_replay_done, r);
+}
+
+/* ---- life cycle ---- */
+
+outbox_t *outbox_new(struct event_base *base, const char *conninfo, const char *schema,
+                     const char *stream, const char *source, bus_sock_t *pub)
+{
+    outbox_t *o = xcalloc(1, sizeof *o);
+    o->base = base;
+    o->pub = pub;
+    o->conninfo = xstrdup(conninfo);
+    o->schema = xstrdup(schema);
+    o->stream = xstrdup(stream);
+    o->source = xstrdup(source);
+    /* schema is the service's own constant name, not input. */
+    o->claim_sql = xasprintf("SELECT seq, epoch, event_id, type, community_id, trace_id, "
+                             "occurred_at, payload FROM %s.outbox_claim($1, $2::int)",
+                             schema);
+    o->replay_sql = xasprintf("SELECT seq, epoch, event_id, type, community_id, trace_id, "
+                              "occurred_at, payload FROM %s.outbox_replay($1, $2::bigint, $3::int)",
+                              schema);
+    o->state_sql = xasprintf("SELECT epoch, last_seq FROM %s.outbox_stream WHERE stream = $1",
+                             schema);
+    o->db = db_new(base, conninfo);
+    if (!o->db || s_listen_open(o) != 0)
+        goto fail;
+    o->tick = event_new(base, -1, EV_PERSIST, s_on_tick, o);
+    struct timeval tv = { 1, 0 };
+    event_add(o->tick, &tv);
+    s_claim(o);
+    return o;
+fail:
+    outbox_destroy(&o);
+    return NULL;
+}
+
+void outbox_destroy(outbox_t **o_p)
+{
+    if (!o_p || !*o_p)
+        return;
+    outbox_t *o = *o_p;
+    if (o->tick)
+        event_free(o->tick);
+    s_listen_close(o);
+    db_destroy(&o->db);
+    free(o->conninfo);
+    free(o->schema);
+    free(o->stream);
+    free(o->source);
+    free(o->claim_sql);
+    free(o->replay_sql);
+    free(o->state_sql);
+    free(o);
+    *o_p = NULL;
+}
+
+bool outbox_ready(const outbox_t *o)
+{
+    return o->listen && db_ready(o->db);
+}
+
+void outbox_position(const outbox_t *o, uint64_t *epoch, uint64_t *sequence)
+{
+    *epoch = o->epoch;
+    *sequence = o->last_seq;
+}
+
+unsigned long long outbox_published(const outbox_t *o)
+{
+    return o->published;
+}

@@ -1,0 +1,310 @@
+/* Batching PL/pgSQL command executor (see sqlcmd.h). */
+#include "sqlcmd.h"
+
+#include "log.h"
+#include "pbjson.h"
+#include "util.h"
+
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct s_item {
+    cmdsrv_req_t *req;        /* owned until replied */
+    char *name;               /* command name */
+    char *args;               /* JSON text */
+    char *ctx;                /* JSON text */
+    bool single;              /* run alone: its batch failed once */
+    /* filled from the result row */
+    char *code, *message, *result;
+    bool got_row;
+    struct s_item *next;
+} s_item_t;
+
+struct sqlcmd {
+    cmdsrv_t *srv;
+    db_t *db;
+    sqlcmd_opts_t opts;
+    char *sql;                /* SELECT ... FROM <schema>.exec(...) */
+    s_item_t *head, *tail;    /* queue, FIFO */
+    int queued;
+    s_item_t *flight;         /* the batch in the database */
+    int in_flight;
+    bool closing;             /* sqlcmd_close called */
+    unsigned long long batches, commands, retried, failed;
+};
+
+static void s_item_free(s_item_t *it)
+{
+    free(it->name);
+    free(it->args);
+    free(it->ctx);
+    free(it->code);
+    free(it->message);
+    free(it->result);
+    free(it);
+}
+
+static void s_item_clear_result(s_item_t *it)
+{
+    free(it->code);
+    free(it->message);
+    free(it->result);
+    it->code = it->message = it->result = NULL;
+    it->got_row = false;
+}
+
+static void s_on_row(const PGresult *res, void *arg)
+{
+    s_item_t *it = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1)
+        return;
+    it->got_row = true;
+    it->code = xstrdup(PQgetvalue(res, 0, 0));
+    it->message = xstrdup(PQgetvalue(res, 0, 1));
+    it->result = PQgetisnull(res, 0, 2) ? NULL : xstrdup(PQgetvalue(res, 0, 2));
+}
+
+/* Builds the reply from the function's row: {"ok", "error", "<name>": result}
+ * converted through the Reply descriptor, so every command's result shape
+ * comes from proto/ and nothing here knows about individual commands. */
+static Linli__Reply *s_build_reply(const sqlcmd_t *q, const s_item_t *it)
+{
+    json_t *j = json_object();
+    bool ok = strcmp(it->code, "ok") == 0;
+    json_object_set_new(j, "ok", json_boolean(ok));
+    if (!ok)
+        json_object_set_new(j, "error", json_pack("{s:s, s:s}", "code", it->code, "message",
+                                                  it->message[0] ? it->message : it->code));
+    if (it->result) {
+        json_error_t jerr;
+        json_t *r = json_loads(it->result, 0, &jerr);
+        if (r && json_is_object(r) && json_object_size(r) > 0)
+            json_object_set_new(j, it->name, r);
+        else
+            json_decref(r);
+    }
+    if (ok && q->opts.finish && q->opts.finish(it->name, j, q->opts.arg) != 0) {
+        json_decref(j);
+        return envelope_error_reply("internal", "the result could not be completed");
+    }
+    char err[200];
+    Linli__Reply *reply =
+        (Linli__Reply *)pbjson_to_message(&linli__reply__descriptor, j, err, sizeof err);
+    json_decref(j);
+    if (!reply) {
+        log_error("sqlcmd", "result does not fit the reply command=%s err=%s", it->name, err);
+        return envelope_error_reply("internal", "the result could not be encoded");
+    }
+    return reply;
+}
+
+static void s_pump(sqlcmd_t *q);
+
+/* Sends reply (taken) to the item's requester; internal commands have none. */
+static void s_answer(sqlcmd_t *q, s_item_t *it, Linli__Reply *reply)
+{
+    if (it->req) {
+        cmdsrv_reply(q->srv, &it->req, reply);
+    } else {
+        if (!reply->ok)
+            log_warn("sqlcmd", "internal command failed command=%s code=%s", it->name,
+                     reply->error ? reply->error->code : "?");
+        linli__reply__free_unpacked(reply, NULL);
+    }
+}
+
+static void s_on_done(int status, const char *errmsg, void *arg)
+{
+    sqlcmd_t *q = arg;
+    s_item_t *batch = q->flight;
+    int n = q->in_flight;
+    q->flight = NULL;
+    q->in_flight = 0;
+    if (q->closing) {
+        /* Committed or not, the outcome is unknown to the caller; it
+         * retries with the same key and gets the stored reply. */
+        for (s_item_t *it = batch, *next; it; it = next) {
+            next = it->next;
+            s_answer(q, it, envelope_error_reply("unavailable", "the service is shutting down"));
+            s_item_free(it);
+        }
+        return;
+    }
+    if (status == 0) {
+        q->batches++;
+        for (s_item_t *it = batch, *next; it; it = next) {
+            next = it->next;
+            Linli__Reply *reply = it->got_row ? s_build_reply(q, it)
+                                              : envelope_error_reply("internal", "no result");
+            s_answer(q, it, reply);
+            q->commands++;
+            s_item_free(it);
+        }
+        if (q->opts.committed)
+            q->opts.committed(q->opts.arg);
+    } else if (n > 1) {
+        /* Put the batch back at the front, each to run alone. */
+        log_warn("sqlcmd", "batch failed, retrying one by one commands=%d err=%s", n,
+                 errmsg ? errmsg : "?");
+        s_item_t *last = batch;
+        for (s_item_t *it = batch; it; it = it->next) {
+            s_item_clear_result(it);
+            it->single = true;
+            last = it;
+        }
+        last->next = q->head;
+        q->head = batch;
+        if (!q->tail)
+            q->tail = last;
+        q->queued += n;
+        q->retried += (unsigned long long)n;
+    } else if (batch) {
+        q->failed++;
+        log_error("sqlcmd", "command failed command=%s err=%s", batch->name,
+                  errmsg ? errmsg : "?");
+        s_answer(q, batch, envelope_error_reply("internal", "the command could not be completed"));
+        s_item_free(batch);
+    }
+    s_pump(q);
+}
+
+static void s_pump(sqlcmd_t *q)
+{
+    if (q->flight || !q->head || q->closing)
+        return;
+    int max = q->head->single ? 1 : q->opts.batch_max;
+    db_batch_t *b = db_batch_new(true);
+    s_item_t *first = q->head, *last = NULL;
+    int n = 0;
+    while (q->head && n < max && (n == 0 || !q->head->single)) {
+        s_item_t *it = q->head;
+        q->head = it->next;
+        const Linli__Envelope *env = it->req ? cmdsrv_req_envelope(it->req) : NULL;
+        const char *params[4] = { it->name,
+                                  env && env->idempotency_key ? env->idempotency_key : "",
+                                  it->args, it->ctx };
+        db_batch_add(b, q->sql, 4, params, s_on_row, it);
+        last = it;
+        n++;
+    }
+    if (!q->head)
+        q->tail = NULL;
+    last->next = NULL;
+    q->queued -= n;
+    q->flight = first;
+    q->in_flight = n;
+    db_batch_submit(q->db, &b, s_on_done, q);
+}
+
+static int s_ident_ok(const char *s)
+{
+    if (!s || !*s || strlen(s) > 63 || !((*s >= 'a' && *s <= 'z') || *s == '_'))
+        return 0;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= '0' && *s <= '9') || *s == '_'))
+            return 0;
+    return 1;
+}
+
+sqlcmd_t *sqlcmd_new(cmdsrv_t *srv, db_t *db, const sqlcmd_opts_t *opts)
+{
+    if (!s_ident_ok(opts->schema) || opts->batch_max < 1) {
+        log_error("sqlcmd", "bad options schema=%s batch_max=%d", opts->schema ? opts->schema : "",
+                  opts->batch_max);
+        return NULL;
+    }
+    sqlcmd_t *q = xcalloc(1, sizeof *q);
+    q->srv = srv;
+    q->db = db;
+    q->opts = *opts;
+    if (q->opts.queue_max < q->opts.batch_max)
+        q->opts.queue_max = q->opts.batch_max * 64;
+    q->sql = xasprintf("SELECT code, message, result::text FROM %s.exec($1, $2, $3::jsonb, "
+                       "$4::jsonb)",
+                       opts->schema);
+    return q;
+}
+
+static void s_answer_all(sqlcmd_t *q, s_item_t *list)
+{
+    for (s_item_t *it = list, *next; it; it = next) {
+        next = it->next;
+        s_answer(q, it, envelope_error_reply("unavailable", "the service is shutting down"));
+        s_item_free(it);
+    }
+}
+
+void sqlcmd_close(sqlcmd_t *q)
+{
+    q->closing = true;
+    s_answer_all(q, q->head);
+    q->head = q->tail = NULL;
+    q->queued = 0;
+}
+
+void sqlcmd_destroy(sqlcmd_t **q_p)
+{
+    if (!q_p || !*q_p)
+        return;
+    sqlcmd_t *q = *q_p;
+    s_answer_all(q, q->head);
+    /* A batch still in flight means the db outlived us: its callback would
+     * touch freed memory, so answer it here and let the db drop it. */
+    s_answer_all(q, q->flight);
+    free(q->sql);
+    free(q);
+    *q_p = NULL;
+}
+
+void sqlcmd_submit(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name, json_t **args_p)
+{
+    cmdsrv_req_t *req = *req_p;
+    json_t *args = *args_p;
+    *req_p = NULL;
+    *args_p = NULL;
+    if (q->queued >= q->opts.queue_max) {
+        json_decref(args);
+        if (req)
+            cmdsrv_reply_error(q->srv, &req, "overloaded", "too many commands queued; retry later");
+        return;
+    }
+    const Linli__Envelope *env = req ? cmdsrv_req_envelope(req) : NULL;
+    s_item_t *it = xcalloc(1, sizeof *it);
+    it->req = req;
+    it->name = xstrdup(name);
+    it->args = json_dumps(args, JSON_COMPACT);
+    json_decref(args);
+    json_t *ctx = json_pack("{s:I, s:s, s:s}", "now", (json_int_t)now_ms(), "trace_id",
+                            env && env->trace_id ? env->trace_id : "", "source",
+                            env && env->source ? env->source : "internal");
+    /* json_pack refuses strings that are not UTF-8; then ctx is NULL. */
+    it->ctx = ctx ? json_dumps(ctx, JSON_COMPACT) : NULL;
+    json_decref(ctx);
+    if (!it->args || !it->ctx) {
+        s_answer(q, it, envelope_error_reply("invalid_argument", "arguments cannot be encoded"));
+        s_item_free(it);
+        return;
+    }
+    if (q->tail)
+        q->tail->next = it;
+    else
+        q->head = it;
+    q->tail = it;
+    q->queued++;
+    s_pump(q);
+}
+
+int sqlcmd_pending(const sqlcmd_t *q)
+{
+    return q->queued + q->in_flight;
+}
+
+void sqlcmd_stats(const sqlcmd_t *q, unsigned long long *batches, unsigned long long *commands,
+                  unsigned long long *retried, unsigned long long *failed)
+{
+    *batches = q->batches;
+    *commands = q->commands;
+    *retried = q->retried;
+    *failed = q->failed;
+}

@@ -1,0 +1,37 @@
+/* Small helpers every module uses: allocation that aborts on failure (so call
+ * sites stay readable), clocks, UUIDs and result codes. */
+#ifndef LINLI_UTIL_H
+#define LINLI_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Result codes, errno-style: 0 is success, negatives are errors. Only codes a
+ * caller branches on are named. */
+#define LX_OK 0
+#define LX_ERR (-1)
+#define LX_AGAIN (-2)    /* try later: queue full, high-water mark reached */
+
+#define LX_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+/* Allocation: on failure these print a message and abort(); they never return
+ * NULL. xstrdup(NULL) returns NULL. */
+void *xmalloc(size_t n);
+void *xcalloc(size_t n, size_t size);
+void *xrealloc(void *p, size_t n);
+char *xstrdup(const char *s);
+char *xstrndup(const char *s, size_t n);
+/* printf into a new string owned by the caller. */
+char *xasprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Wall clock in milliseconds since the Unix epoch. */
+int64_t now_ms(void);
+/* Monotonic clock in microseconds, for measuring intervals. */
+int64_t mono_us(void);
+
+/* Writes a new random (v4) UUID as 36 characters plus NUL into out. */
+void uuid_new(char out[37]);
+/* 1 when s is a UUID in canonical text form, else 0. */
+int uuid_valid(const char *s);
+
+#endif

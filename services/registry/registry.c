@@ -1,0 +1,365 @@
+/* The registry daemon's core (see registry.h). */
+#include "registry.h"
+
+#include "bus.h"
+#include "cmdsrv.h"
+#include "config.h"
+#include "db.h"
+#include "http.h"
+#include "log.h"
+#include "migrate.h"
+#include "outbox.h"
+#include "pbjson.h"
+#include "qr.h"
+#include "sqlcmd.h"
+#include "token.h"
+#include "util.h"
+
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zmq.h>
+
+#define S_SCHEMA "registry"
+#define S_MAX_SKEW_MS (5 * 60 * 1000)               /* scanner clocks may run ahead */
+#define S_MAX_OFFLINE_MS (30LL * 24 * 3600 * 1000)   /* oldest offline scan accepted */
+#define S_MAX_DEVICE_ID 64
+#define S_MAX_UPLOAD 500
+
+struct registry {
+    struct event_base *base;
+    void *zctx;                  /* ZeroMQ context, owned */
+    db_t *db;                    /* command connection */
+    cmdsrv_t *srv;               /* command ROUTER */
+    bus_sock_t *pub;             /* event PUB */
+    outbox_t *outbox;            /* relay + replay */
+    sqlcmd_t *cmds;              /* batching executor */
+    metrics_t *metrics;
+    lx_http_t *http;             /* /healthz /readyz /metrics; NULL when off */
+    metric_t *m_commands, *m_batches, *m_retried, *m_failed, *m_published, *m_pending,
+        *m_rejected;
+    char *secret;                /* token key, owned */
+    size_t secret_len;
+    struct event *tick;          /* sweep + metrics, every sweep_ms */
+    struct event *drain;         /* shutdown: waits for work in progress */
+    int64_t drain_deadline_us;
+    bool stopping;
+};
+
+int registry_migrate(void)
+{
+    const char *conninfo = config_get("LINLI_PG", "dbname=linli");
+    const char *dir = config_get("LINLI_REGISTRY_MIGRATIONS", "services/registry/migrations");
+    PGconn *conn = PQconnectdb(conninfo);
+    int rc = -1;
+    if (PQstatus(conn) != CONNECTION_OK) {
+        log_error("migrate", "cannot connect err=%s", PQerrorMessage(conn));
+        goto done;
+    }
+    int n = migrate_apply(conn, S_SCHEMA, dir);
+    if (n >= 0) {
+        log_info("migrate", "schema up to date schema=%s applied=%d", S_SCHEMA, n);
+        rc = 0;
+    }
+done:
+    PQfinish(conn);
+    return rc;
+}
+
+/* ---- commands ---- */
+
+/* The JSON arguments for one scan: its own fields plus what only we can
+ * know, the token's verdict and claims, checked at the time of the scan so a
+ * scanner that was offline can upload later. Returns NULL with a reason on
+ * input that no scan could have produced. */
+static json_t *s_scan_args(registry_t *r, const Linli__Scan *scan, int64_t now,
+                           const char **why)
+{
+    int64_t at = scan->scanned_at ? scan->scanned_at : now;
+    if (at > now + S_MAX_SKEW_MS) {
+        *why = "scanned_at is in the future";
+        return NULL;
+    }
+    if (at < now - S_MAX_OFFLINE_MS) {
+        *why = "scanned_at is more than 30 days old";
+        return NULL;
+    }
+    if (strlen(scan->device_id) > S_MAX_DEVICE_ID) {
+        *why = "device_id is longer than 64 bytes";
+        return NULL;
+    }
+    if (scan->person_id <= 0) {
+        *why = "person_id must be positive";
+        return NULL;
+    }
+    token_claims_t c = { 0 };
+    token_verdict_t v = token_verify(scan->token, strlen(scan->token), r->secret, r->secret_len,
+                                     at, &c);
+    json_t *a = pbjson_from_message(&scan->base);
+    json_object_set_new(a, "scanned_at", json_integer(at));
+    json_object_set_new(a, "verdict", json_string(token_verdict_name(v)));
+    if (v == TOKEN_OK || v == TOKEN_EXPIRED) {
+        json_object_set_new(a, "kind", json_string(c.kind == TOKEN_STATION ? "s" : "a"));
+        json_object_set_new(a, "subject_id", json_integer(c.id));
+        json_object_set_new(a, "community_id", json_integer(c.community_id));
+    }
+    return a;
+}
+
+static void s_on_command(cmdsrv_t *srv, cmdsrv_req_t *req, void *arg)
+{
+    registry_t *r = arg;
+    const Linli__Command *cmd = cmdsrv_req_envelope(req)->command;
+    const char *name = envelope_command_name(cmd);
+    json_t *args = NULL;
+    const char *why = NULL;
+    int64_t now = now_ms();
+
+    switch (cmd->command_case) {
+    case LINLI__COMMAND__COMMAND_REPLAY:
+        outbox_replay(r->outbox, srv, &req);
+        return;
+    case LINLI__COMMAND__COMMAND_SCAN:
+        args = s_scan_args(r, cmd->scan, now, &why);
+        break;
+    case LINLI__COMMAND__COMMAND_UPLOAD_SCANS: {
+        const Linli__UploadScans *up = cmd->upload_scans;
+        if (up->n_scans == 0 || up->n_scans > S_MAX_UPLOAD) {
+            why = "an upload holds 1 to 500 scans";
+            break;
+        }
+        json_t *list = json_array();
+        for (size_t i = 0; i < up->n_scans && !why; i++) {
+            json_t *a = s_scan_args(r, up->scans[i], now, &why);
+            if (a)
+                json_array_append_new(list, a);
+        }
+        args = json_pack("{s:o}", "scans", list);
+        if (why)
+            json_decref(args), args = NULL;
+        break;
+    }
+    case LINLI__COMMAND__COMMAND_SWEEP:
+        why = "sweep is run by the registry itself";
+        break;
+    default: {
+        /* Every other command goes to SQL as-is: its member message, by
+         * the field name, is the argument object. */
+        const ProtobufCFieldDescriptor *f = name ? pbjson_field(&linli__command__descriptor, name)
+                                                 : NULL;
+        if (!f) {
+            cmdsrv_reply_error(srv, &req, "unknown_command", "this service has no such command");
+            return;
+        }
+        const ProtobufCMessage *m =
+            *(const ProtobufCMessage *const *)((const char *)cmd + f->offset);
+        args = pbjson_from_message(m);
+    }
+    }
+    if (!args) {
+        cmdsrv_reply_error(srv, &req, "invalid_argument", why ? why : "bad arguments");
+        return;
+    }
+    sqlcmd_submit(r->cmds, &req, name, &args);
+}
+
+/* issue_token: SQL checked that the subject exists and computed the expiry;
+ * we sign the token and draw its QR code. */
+static int s_finish(const char *name, json_t *reply, void *arg)
+{
+    registry_t *r = arg;
+    if (strcmp(name, "issue_token") != 0)
+        return 0;
+    json_t *res = json_object_get(reply, "issue_token");
+    const char *kind = json_string_value(json_object_get(res, "kind"));
+    token_claims_t c = {
+        .kind = kind && kind[0] == 's' ? TOKEN_STATION : TOKEN_ACTIVITY,
+        .id = json_integer_value(json_object_get(res, "id")),
+        .community_id = json_integer_value(json_object_get(res, "community_id")),
+        .expires_at = json_integer_value(json_object_get(res, "expires_at")),
+    };
+    char token[TOKEN_MAX_LEN + 1];
+    if (!kind || token_sign(&c, r->secret, r->secret_len, token, sizeof token) != 0) {
+        log_error("registry", "cannot sign token kind=%s id=%lld", kind ? kind : "?",
+                  (long long)c.id);
+        return -1;
+    }
+    char caption[96];
+    snprintf(caption, sizeof caption, "%s %lld", c.kind == TOKEN_STATION ? "station" : "activity",
+             (long long)c.id);
+    char *svg = qr_svg(token, 8, caption);
+    json_object_set_new(reply, "issue_token",
+                        json_pack("{s:s, s:I, s:s}", "token", token, "expires_at",
+                                  (json_int_t)c.expires_at, "svg", svg ? svg : ""));
+    free(svg);
+    return 0;
+}
+
+static void s_on_committed(void *arg)
+{
+    registry_t *r = arg;
+    outbox_kick(r->outbox);
+}
+
+/* ---- periodic work, readiness, shutdown ---- */
+
+static void s_on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    registry_t *r = arg;
+    /* Only sweep when idle-ish: a sweep queued behind a full backlog would
+     * only add to it, and the next tick comes soon. */
+    if (!r->stopping && sqlcmd_pending(r->cmds) < 64) {
+        json_t *args = json_object();
+        cmdsrv_req_t *none = NULL;
+        sqlcmd_submit(r->cmds, &none, "sweep", &args);
+    }
+    unsigned long long batches, commands, retried, failed, rcv, rej, rep;
+    sqlcmd_stats(r->cmds, &batches, &commands, &retried, &failed);
+    cmdsrv_stats(r->srv, &rcv, &rej, &rep);
+    metric_set_total(r->m_commands, commands);
+    metric_set_total(r->m_batches, batches);
+    metric_set_total(r->m_retried, retried);
+    metric_set_total(r->m_failed, failed);
+    metric_set_total(r->m_rejected, rej);
+    metric_set_total(r->m_published, outbox_published(r->outbox));
+    metric_set(r->m_pending, (double)sqlcmd_pending(r->cmds));
+}
+
+static const char *s_ready(void *arg)
+{
+    registry_t *r = arg;
+    if (r->stopping)
+        return "shutting down";
+    if (!db_ready(r->db))
+        return "database down";
+    if (!outbox_ready(r->outbox))
+        return "relay not connected";
+    return NULL;
+}
+
+static void s_on_drain(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    registry_t *r = arg;
+    int left = sqlcmd_pending(r->cmds) + cmdsrv_outstanding(r->srv);
+    if (left == 0 || mono_us() >= r->drain_deadline_us) {
+        if (left)
+            log_warn("registry", "drain deadline reached, commands unanswered=%d", left);
+        event_base_loopexit(r->base, NULL);
+        return;
+    }
+    struct timeval tv = { 0, 20000 };
+    evtimer_add(r->drain, &tv);
+}
+
+void registry_shutdown(registry_t *r, int deadline_ms)
+{
+    if (r->stopping)
+        return;
+    r->stopping = true;
+    cmdsrv_pause(r->srv, true);
+    event_del(r->tick);
+    r->drain_deadline_us = mono_us() + (int64_t)deadline_ms * 1000;
+    s_on_drain(-1, 0, r);
+}
+
+/* ---- life cycle ---- */
+
+registry_t *registry_new(struct event_base *base)
+{
+    registry_t *r = xcalloc(1, sizeof *r);
+    r->base = base;
+    int64_t batch_max, sweep_ms;
+    if (config_int("LINLI_BATCH_MAX", 512, 1, 10000, &batch_max) != 0 ||
+        config_int("LINLI_SWEEP_MS", 1000, 50, 3600000, &sweep_ms) != 0)
+        goto fail;
+    r->secret = config_secret("LINLI_TOKEN_SECRET");
+    if (!r->secret || strlen(r->secret) < 16) {
+        log_error("registry", "LINLI_TOKEN_SECRET_FILE (or LINLI_TOKEN_SECRET) must hold at "
+                              "least 16 bytes");
+        goto fail;
+    }
+    r->secret_len = strlen(r->secret);
+    if (strcmp(config_get("LINLI_MIGRATE", "1"), "0") != 0 && registry_migrate() != 0)
+        goto fail;
+
+    const char *conninfo = config_get("LINLI_PG", "dbname=linli");
+    r->zctx = zmq_ctx_new();
+    r->db = db_new(base, conninfo);
+    if (!r->db)
+        goto fail;
+    r->pub = bus_sock_new(base, r->zctx, ZMQ_PUB, NULL, NULL);
+    if (!r->pub || bus_bind(r->pub, config_get("LINLI_REGISTRY_PUB", "tcp://127.0.0.1:7102")))
+        goto fail;
+    r->outbox = outbox_new(base, conninfo, S_SCHEMA, "registry", "registry", r->pub);
+    if (!r->outbox)
+        goto fail;
+    r->srv = cmdsrv_new(base, r->zctx, config_get("LINLI_REGISTRY_CMD", "tcp://127.0.0.1:7101"),
+                        "registry", s_on_command, r);
+    if (!r->srv)
+        goto fail;
+    sqlcmd_opts_t opts = { .schema = S_SCHEMA, .batch_max = (int)batch_max,
+                           .finish = s_finish, .committed = s_on_committed, .arg = r };
+    r->cmds = sqlcmd_new(r->srv, r->db, &opts);
+    if (!r->cmds)
+        goto fail;
+
+    r->metrics = metrics_new("linli_registry");
+    r->m_commands = metrics_add(r->metrics, "commands_total", "counter", "Commands answered after commit", NULL);
+    r->m_batches = metrics_add(r->metrics, "batches_total", "counter", "Transactions committed", NULL);
+    r->m_retried = metrics_add(r->metrics, "commands_retried_total", "counter", "Commands rerun alone after their batch failed", NULL);
+    r->m_failed = metrics_add(r->metrics, "commands_failed_total", "counter", "Commands answered with an internal error", NULL);
+    r->m_rejected = metrics_add(r->metrics, "frames_rejected_total", "counter", "Frames refused before reaching a handler", NULL);
+    r->m_published = metrics_add(r->metrics, "events_published_total", "counter", "Events published by the relay", NULL);
+    r->m_pending = metrics_add(r->metrics, "commands_pending", "gauge", "Commands queued or in the database", NULL);
+    const char *http = config_get("LINLI_REGISTRY_HTTP", NULL);
+    if (http) {
+        r->http = http_new(base, http, r->metrics, s_ready, r);
+        if (!r->http)
+            goto fail;
+    }
+    r->tick = event_new(base, -1, EV_PERSIST, s_on_tick, r);
+    struct timeval tv = { sweep_ms / 1000, (sweep_ms % 1000) * 1000 };
+    event_add(r->tick, &tv);
+    r->drain = evtimer_new(base, s_on_drain, r);
+    log_info("registry", "ready cmd=%s pub=%s http=%s batch_max=%lld", cmdsrv_endpoint(r->srv),
+             bus_endpoint(r->pub), http ? http : "off", (long long)batch_max);
+    return r;
+fail:
+    registry_destroy(&r);
+    return NULL;
+}
+
+void registry_destroy(registry_t **r_p)
+{
+    if (!r_p || !*r_p)
+        return;
+    registry_t *r = *r_p;
+    if (r->tick)
+        event_free(r->tick);
+    if (r->drain)
+        event_free(r->drain);
+    http_destroy(&r->http);
+    /* The executor stops sending, then the db reports what was in flight
+     * (answered "unavailable"), then the executor goes. */
+    if (r->cmds)
+        sqlcmd_close(r->cmds);
+    outbox_destroy(&r->outbox);
+    db_destroy(&r->db);
+    sqlcmd_destroy(&r->cmds);
+    cmdsrv_destroy(&r->srv);
+    bus_sock_destroy(&r->pub);
+    metrics_destroy(&r->metrics);
+    if (r->zctx)
+        zmq_ctx_term(r->zctx);
+    if (r->secret) {
+        memset(r->secret, 0, r->secret_len);
+        free(r->secret);
+    }
+    free(r);
+    *r_p = NULL;
+}

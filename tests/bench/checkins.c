@@ -1,0 +1,286 @@
+/* Load generator for scripts/bench/checkins: drives registrations, sign-ups
+ * and check-ins through the registry's command endpoint from many
+ * concurrent clients, each keeping a window of commands in flight, and
+ * reports acknowledged commands/s (a reply means committed), p50/p99
+ * acknowledgement latency, and the lag until the counts show in Redis.
+ *
+ *   checkins ENDPOINT REDIS PREFIX [clients] [window] [people]
+ */
+#include "cmdcli.h"
+#include "counters.h"
+#include "envelope.h"
+#include "pbjson.h"
+#include "util.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zmq.h>
+
+typedef enum { PHASE_REGISTER, PHASE_SIGN_UP, PHASE_SCAN } s_phase_t;
+static const char *const s_names[] = { "register_person", "sign_up", "scan" };
+
+typedef struct {
+    const char *endpoint;
+    s_phase_t phase;
+    int64_t community_id, activity_id;
+    const char *token;
+    int64_t *people;          /* this client's slice; filled in by PHASE_REGISTER */
+    int n, window, client_no;
+    int64_t *lat_us;          /* out: one latency per command */
+    int ok, failed;
+} s_client_t;
+
+static void *s_zctx;
+static int64_t s_last_ack_ms; /* wall clock of the last acknowledgement (racy max is fine) */
+
+static uint8_t *s_encode(const char *name, const char *args_json, const char *key, int idx,
+                         size_t *len)
+{
+    char *text = xasprintf("{\"%s\": %s}", name, args_json);
+    char err[200];
+    Linli__Command *cmd = (Linli__Command *)pbjson_parse(&linli__command__descriptor, text,
+                                                         strlen(text), err, sizeof err);
+    free(text);
+    if (!cmd) {
+        fprintf(stderr, "bench: %s\n", err);
+        exit(2);
+    }
+    Linli__Envelope *env = cmdcli_envelope("registry", "bench", key, 0, cmd);
+    free(env->id);
+    /* The index rides in the id, so a reply finds its send time at once. */
+    env->id = xasprintf("00000000-0000-4000-8000-%012x", (unsigned)idx);
+    uint8_t *buf = envelope_encode(env, len);
+    protobuf_c_message_free_unpacked(&env->base, NULL);
+    return buf;
+}
+
+static void s_args(const s_client_t *c, int i, char *out, size_t len)
+{
+    switch (c->phase) {
+    case PHASE_REGISTER:
+        snprintf(out, len, "{\"community_id\":%" PRId64 ",\"name\":\"居民-%d-%d\","
+                 "\"roles\":[\"ROLE_RESIDENT\"]}", c->community_id, c->client_no, i);
+        break;
+    case PHASE_SIGN_UP:
+        snprintf(out, len, "{\"activity_id\":%" PRId64 ",\"person_ids\":[%" PRId64 "]}",
+                 c->activity_id, c->people[i]);
+        break;
+    case PHASE_SCAN:
+        snprintf(out, len, "{\"token\":\"%s\",\"person_id\":%" PRId64 ",\"device_id\":\"gate-%d\","
+                 "\"counter\":%d}", c->token, c->people[i], c->client_no, i + 1);
+        break;
+    }
+}
+
+static void *s_run(void *arg)
+{
+    s_client_t *c = arg;
+    void *zs = zmq_socket(s_zctx, ZMQ_DEALER);
+    int linger = 0;
+    zmq_setsockopt(zs, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_connect(zs, c->endpoint);
+    int64_t *sent_at = xcalloc((size_t)c->n, sizeof *sent_at);
+    int next = 0, done = 0;
+    while (done < c->n) {
+        while (next < c->n && next - done < c->window) {
+            char args[512], key[64];
+            s_args(c, next, args, sizeof args);
+            snprintf(key, sizeof key, "bench-%d-%s-%d-%d", (int)getpid(), s_names[c->phase],
+                     c->client_no, next);
+            size_t len;
+            uint8_t *buf = s_encode(s_names[c->phase], args, key, next, &len);
+            sent_at[next] = mono_us();
+            zmq_send(zs, buf, len, 0);
+            free(buf);
+            next++;
+        }
+        zmq_pollitem_t item = { zs, 0, ZMQ_POLLIN, 0 };
+        if (zmq_poll(&item, 1, 30000) <= 0) {
+            fprintf(stderr, "bench: no reply for 30 s, giving up on client %d\n", c->client_no);
+            c->failed += c->n - done;
+            break;
+        }
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, zs, 0) < 0) {
+            zmq_msg_close(&m);
+            continue;
+        }
+        Linli__Envelope *r = linli__envelope__unpack(NULL, zmq_msg_size(&m), zmq_msg_data(&m));
+        zmq_msg_close(&m);
+        if (!r || r->payload_case != LINLI__ENVELOPE__PAYLOAD_REPLY || !r->reply->request_id ||
+            strlen(r->reply->request_id) != 36) {
+            if (r)
+                linli__envelope__free_unpacked(r, NULL);
+            continue;
+        }
+        int idx = (int)strtol(r->reply->request_id + 24, NULL, 16);
+        if (idx >= 0 && idx < c->n && c->lat_us[idx] == 0) {
+            c->lat_us[idx] = mono_us() - sent_at[idx];
+            if (r->reply->ok) {
+                c->ok++;
+                if (c->phase == PHASE_REGISTER && r->reply->register_person)
+                    c->people[idx] = r->reply->register_person->id;
+            } else if (c->failed++ < 3) {
+                fprintf(stderr, "bench: %s refused: %s\n", s_names[c->phase],
+                        r->reply->error ? r->reply->error->code : "?");
+            }
+            done++;
+        }
+        linli__envelope__free_unpacked(r, NULL);
+    }
+    s_last_ack_ms = now_ms();
+    free(sent_at);
+    zmq_close(zs);
+    return NULL;
+}
+
+static int s_cmp(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Runs one phase over n people with nclients clients; prints the figures. */
+static int s_phase(const char *endpoint, s_phase_t phase, int64_t cid, int64_t aid,
+                   const char *token, int64_t *people, int n, int nclients, int window)
+{
+    s_client_t *cl = xcalloc((size_t)nclients, sizeof *cl);
+    pthread_t *th = xcalloc((size_t)nclients, sizeof *th);
+    int64_t *lat = xcalloc((size_t)n, sizeof *lat);
+    int per = n / nclients;
+    int64_t t0 = mono_us();
+    for (int i = 0; i < nclients; i++) {
+        int from = i * per, count = i == nclients - 1 ? n - from : per;
+        cl[i] = (s_client_t){ .endpoint = endpoint, .phase = phase, .community_id = cid,
+                              .activity_id = aid, .token = token, .people = people + from,
+                              .n = count, .window = window, .client_no = i,
+                              .lat_us = lat + from };
+        pthread_create(&th[i], NULL, s_run, &cl[i]);
+    }
+    int ok = 0, failed = 0;
+    for (int i = 0; i < nclients; i++) {
+        pthread_join(th[i], NULL);
+        ok += cl[i].ok;
+        failed += cl[i].failed;
+    }
+    double secs = (double)(mono_us() - t0) / 1e6;
+    qsort(lat, (size_t)n, sizeof *lat, s_cmp);
+    printf("%-16s %7d ok %5d refused in %6.2f s: %8.0f acknowledged/s   p50 %7.2f ms   p99 %7.2f ms\n",
+           s_names[phase], ok, failed, secs, ok / secs, lat[n / 2] / 1000.0,
+           lat[(n * 99) / 100] / 1000.0);
+    fflush(stdout);
+    free(cl);
+    free(th);
+    free(lat);
+    return failed;
+}
+
+/* One blocking command for the set-up; returns its result object (caller
+ * decrefs) or exits. */
+static json_t *s_call(const char *endpoint, const char *name, const char *args)
+{
+    char *text = xasprintf("{\"%s\": %s}", name, args);
+    char err[200];
+    Linli__Command *cmd = (Linli__Command *)pbjson_parse(&linli__command__descriptor, text,
+                                                         strlen(text), err, sizeof err);
+    free(text);
+    if (!cmd) {
+        fprintf(stderr, "bench: %s\n", err);
+        exit(2);
+    }
+    Linli__Envelope *env = cmdcli_envelope("registry", "bench", NULL, 0, cmd);
+    Linli__Envelope *reply = NULL;
+    if (cmdcli_call(s_zctx, endpoint, env, 30000, &reply) != 0 || !reply->reply->ok) {
+        fprintf(stderr, "bench: set-up command %s failed: %s\n", name,
+                reply && reply->reply->error ? reply->reply->error->message : "no reply");
+        exit(2);
+    }
+    json_t *j = pbjson_from_message(&reply->reply->base);
+    json_t *res = json_incref(json_object_get(j, name));
+    json_decref(j);
+    protobuf_c_message_free_unpacked(&env->base, NULL);
+    envelope_free(&reply);
+    return res;
+}
+
+static int64_t s_call_id(const char *endpoint, const char *name, const char *args)
+{
+    json_t *res = s_call(endpoint, name, args);
+    int64_t id = json_integer_value(json_object_get(res, "id"));
+    json_decref(res);
+    return id;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 4) {
+        fprintf(stderr, "usage: checkins ENDPOINT REDIS PREFIX [clients] [window] [people]\n");
+        return 2;
+    }
+    const char *endpoint = argv[1], *redis = argv[2], *prefix = argv[3];
+    int nclients = argc > 4 ? atoi(argv[4]) : 16;
+    int window = argc > 5 ? atoi(argv[5]) : 64;
+    int n = argc > 6 ? atoi(argv[6]) : 100000;
+    if (nclients < 1 || window < 1 || n < nclients) {
+        fprintf(stderr, "bench: need clients >= 1, window >= 1, people >= clients\n");
+        return 2;
+    }
+    s_zctx = zmq_ctx_new();
+    char args[512];
+    int64_t start = now_ms() + 86400000LL;
+    int64_t cid = s_call_id(endpoint, "create_community",
+                            "{\"name\":\"江翠社区 (bench)\",\"district\":\"江海区\",\"city\":\"江门\"}");
+    snprintf(args, sizeof args,
+             "{\"community_id\":%" PRId64 ",\"title\":\"邻里公益集市\",\"place\":\"江海广场\","
+             "\"starts_at\":%" PRId64 ",\"ends_at\":%" PRId64 ",\"capacity\":1000000}",
+             cid, start, (int64_t)(start + 8 * 3600000LL));
+    int64_t aid = s_call_id(endpoint, "create_activity", args);
+    snprintf(args, sizeof args, "{\"activity_id\":%" PRId64 ",\"valid_seconds\":86400}", aid);
+    json_t *tok = s_call(endpoint, "issue_token", args);
+    char *token = xstrdup(json_string_value(json_object_get(tok, "token")));
+    json_decref(tok);
+    if (!token) {
+        fprintf(stderr, "bench: issue_token returned no token\n");
+        return 2;
+    }
+    printf("community %" PRId64 ", activity %" PRId64 ", %d people, %d clients x window %d\n",
+           cid, aid, n, nclients, window);
+
+    int64_t *people = xcalloc((size_t)n, sizeof *people);
+    int bad = s_phase(endpoint, PHASE_REGISTER, cid, aid, token, people, n, nclients, window);
+    bad += s_phase(endpoint, PHASE_SIGN_UP, cid, aid, token, people, n, nclients, window);
+    bad += s_phase(endpoint, PHASE_SCAN, cid, aid, token, people, n, nclients, window);
+    int64_t acked_at = s_last_ack_ms;
+
+    /* How long after the last acknowledgement the check-ins show in Redis. */
+    redisContext *rc = counters_connect(redis, 2000);
+    char key[COUNTERS_KEY_MAX];
+    counters_key_activity(key, sizeof key, prefix, cid, aid, "checkins");
+    long long seen = -1;
+    int64_t deadline = now_ms() + 60000;
+    while (rc && now_ms() < deadline) {
+        redisReply *r = redisCommand(rc, "GET %s", key);
+        seen = r && r->type == REDIS_REPLY_STRING ? atoll(r->str) : 0;
+        if (r)
+            freeReplyObject(r);
+        if (seen >= n)
+            break;
+        usleep(2000);
+    }
+    if (seen >= n)
+        printf("redis lag          %7lld check-ins visible %lld ms after the last acknowledgement\n",
+               seen, (long long)(now_ms() - acked_at));
+    else
+        printf("redis lag          only %lld of %d check-ins visible after 60 s\n", seen, n);
+    if (rc)
+        redisFree(rc);
+    free(people);
+    free(token);
+    zmq_ctx_term(s_zctx);
+    return bad || seen < n ? 1 : 0;
+}
