@@ -106,7 +106,7 @@ $(foreach s,$(SERVICES),$(eval $(call SERVICE_template,$(s))))
 # A unit test named test_<svc>_*.c also links that service's library.
 test_svc = $(firstword $(filter $(SERVICES),$(word 2,$(subst _, ,$(1)))))
 .SECONDEXPANSION:
-$(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $$(if $$(call test_svc,%),$(BUILD)/lib$$(call test_svc,%).a) $(LIBCOMMON)
+$(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $$(if $$(call test_svc,$$*),$(BUILD)/lib$$(call test_svc,$$*).a) $(LIBCOMMON)
 	@mkdir -p $(@D)
 	@echo "  LINK    $@"
 	$(Q)$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LIBS) $(CMOCKA_LIBS)
@@ -120,9 +120,11 @@ $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(LIBCOMMON)
 FUZZ_SRCS := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZ_BINS := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(FUZZ_SRCS))
 fuzz: $(FUZZ_BINS)
+ifneq ($(BUILD),build-fuzz)
 build-fuzz/libcommon.a: $(COMMON_SRCS) $(PROTOS) $(wildcard common/*.h)
 	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz BIN=build-fuzz/bin CC=clang \
 	    SANITIZE=fuzzer-no-link,address,undefined build-fuzz/libcommon.a
+endif
 build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c build-fuzz/libcommon.a
 	@echo "  FUZZ    $@"
 	$(Q)clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Icommon -Ibuild-fuzz/gen \
