@@ -40,6 +40,7 @@ struct registry {
     metric_t *m_commands, *m_batches, *m_retried, *m_failed, *m_published, *m_pending,
         *m_rejected;
     char *secret;                /* token key, owned */
+    char *conninfo;              /* owned */
     size_t secret_len;
     struct event *tick;          /* sweep + metrics, every sweep_ms */
     struct event *drain;         /* shutdown: waits for work in progress */
@@ -47,9 +48,17 @@ struct registry {
     bool stopping;
 };
 
+/* The libpq connection string may carry a password: LINLI_PG_FILE names a
+ * file holding it, as for every secret. */
+static char *s_conninfo(void)
+{
+    char *c = config_secret("LINLI_PG");
+    return c ? c : xstrdup("dbname=linli");
+}
+
 int registry_migrate(void)
 {
-    const char *conninfo = config_get("LINLI_PG", "dbname=linli");
+    char *conninfo = s_conninfo();
     const char *dir = config_get("LINLI_REGISTRY_MIGRATIONS", "services/registry/migrations");
     PGconn *conn = PQconnectdb(conninfo);
     int rc = -1;
@@ -64,6 +73,7 @@ int registry_migrate(void)
     }
 done:
     PQfinish(conn);
+    free(conninfo);
     return rc;
 }
 
@@ -273,9 +283,10 @@ registry_t *registry_new(struct event_base *base)
 {
     registry_t *r = xcalloc(1, sizeof *r);
     r->base = base;
-    int64_t batch_max, sweep_ms;
+    int64_t batch_max, sweep_ms, pub_hwm;
     if (config_int("LINLI_BATCH_MAX", 512, 1, 10000, &batch_max) != 0 ||
-        config_int("LINLI_SWEEP_MS", 1000, 50, 3600000, &sweep_ms) != 0)
+        config_int("LINLI_SWEEP_MS", 1000, 50, 3600000, &sweep_ms) != 0 ||
+        config_int("LINLI_PUB_SNDHWM", 10000, 1, 10000000, &pub_hwm) != 0)
         goto fail;
     r->secret = config_secret("LINLI_TOKEN_SECRET");
     if (!r->secret || strlen(r->secret) < 16) {
@@ -287,13 +298,20 @@ registry_t *registry_new(struct event_base *base)
     if (strcmp(config_get("LINLI_MIGRATE", "1"), "0") != 0 && registry_migrate() != 0)
         goto fail;
 
-    const char *conninfo = config_get("LINLI_PG", "dbname=linli");
+    r->conninfo = s_conninfo();
+    const char *conninfo = r->conninfo;
     r->zctx = zmq_ctx_new();
     r->db = db_new(base, conninfo);
     if (!r->db)
         goto fail;
     r->pub = bus_sock_new(base, r->zctx, ZMQ_PUB, NULL, NULL);
-    if (!r->pub || bus_bind(r->pub, config_get("LINLI_REGISTRY_PUB", "tcp://127.0.0.1:7102")))
+    if (!r->pub)
+        goto fail;
+    /* Per subscriber: past this many queued events a slow one starts losing
+     * live events and catches up by replay, so we never grow without bound. */
+    int hwm = (int)pub_hwm;
+    zmq_setsockopt(bus_zsock(r->pub), ZMQ_SNDHWM, &hwm, sizeof hwm);
+    if (bus_bind(r->pub, config_get("LINLI_REGISTRY_PUB", "tcp://127.0.0.1:7102")))
         goto fail;
     r->outbox = outbox_new(base, conninfo, S_SCHEMA, "registry", "registry", r->pub);
     if (!r->outbox)
@@ -360,6 +378,7 @@ void registry_destroy(registry_t **r_p)
         memset(r->secret, 0, r->secret_len);
         free(r->secret);
     }
+    free(r->conninfo);
     free(r);
     *r_p = NULL;
 }
