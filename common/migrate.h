@@ -4,7 +4,8 @@
  * (version, name, checksum, applied_at). A pg_advisory_lock keyed by the
  * schema name makes concurrent starts of several replicas safe. A file that
  * was applied and has since changed (checksum differs) is an error: history
- * is never rewritten. */
+ * is never rewritten. Each file runs with search_path set to the schema (then
+ * public), so it may use unqualified names. */
 #ifndef LINLI_MIGRATE_H
 #define LINLI_MIGRATE_H
 

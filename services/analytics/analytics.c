@@ -27,6 +27,7 @@
 #define S_BACKOFF_MAX_MS 5000
 #define S_SYNC_TIMEOUT_MS 2000     /* blocking position read and reset */
 #define S_TICK_MS 1000             /* metrics refresh from the subscriber */
+#define S_MAX_OUTSTANDING 50000    /* calls in flight before intake pauses */
 
 /* Applies one event atomically. The stored position "epoch:seq" decides:
  *   no position yet or the next sequence of the same epoch -> apply, store, 1
@@ -521,12 +522,24 @@ cleanup:
 
 /* ---- subscriber ---- */
 
+static void s_fold_sub_stats(analytics_t *a);
+
 static void s_sub_apply(const Linli__Envelope *ev, void *arg)
 {
     analytics_t *a = arg;
     if (a->resync_pending || a->stopping)
         return;
+    if (a->outstanding >= S_MAX_OUTSTANDING) {
+        /* Redis is slower than the stream. Rather than buffer without
+         * bound, stop taking events, let the pipeline drain and replay the
+         * rest from the position Redis holds. */
+        s_resync_schedule(a, "Redis is behind");
+        return;
+    }
     analytics_apply_event(a, ev);
+    /* A gap or a replay shows in /metrics with the event that followed it,
+     * not a tick later. */
+    s_fold_sub_stats(a);
 }
 
 static void s_sub_epoch(uint64_t new_epoch, void *arg)

@@ -11,7 +11,8 @@
  * (the connection dropped with replies outstanding, or a script reported a
  * gap or a stale epoch), the daemon resynchronises: it drops the
  * subscriber, waits for the outstanding replies, reads the position Redis
- * holds and subscribes again from there. */
+ * holds and subscribes again from there. The same path bounds memory when
+ * Redis falls behind: past 50,000 calls in flight, intake pauses that way. */
 #ifndef LINLI_ANALYTICS_H
 #define LINLI_ANALYTICS_H
 
