@@ -142,22 +142,35 @@ def test_relay_restart_mid_stream(s):
 
 
 def test_flood_past_high_water_mark(s):
-    # A tiny receive high-water mark on the subscriber makes libzmq drop live
-    # events; the subscriber must notice the gaps and replay.
-    s.start("registry")
-    s.start("analytics", extra_env={"LINLI_SUB_RCVHWM": "10"})
+    # Small high-water marks on both ends and a subscriber frozen (SIGSTOP)
+    # during a flood: libzmq must drop live events, and the subscriber must
+    # notice the gaps and replay once it runs again.
+    s.start("registry", extra_env={"LINLI_PUB_SNDHWM": "20"})
+    s.start("analytics", extra_env={"LINLI_SUB_RCVHWM": "20"})
     c = s.client()
-    cid, aid, p = setup_festival(c, capacity=1000, walk_in=True)
-    people = register(c, cid, 300, "fl")
+    cid, aid, p = setup_festival(c, capacity=5000, walk_in=True)
+    people = register(c, cid, 3000, "fl")
+    wait_for(lambda: converged(s, cid, aid), what="set-up applied")
     tok = c.call("issue_token", {"activity_id": aid})["issue_token"]["token"]
-    env_list = [c.envelope("scan", {"token": tok, "person_id": pid, "device_id": "flood",
-                                    "counter": i + 1}) for i, pid in enumerate(people)]
-    for e in env_list:                    # pipelined: send all, then read replies
-        c.sock.send(e.SerializeToString())
-    for _ in env_list:
-        c.recv_envelope()
-    got = wait_for(lambda: converged(s, cid, aid), timeout=30, what="flood converged")
-    assert got["act_checkins"] == 300, got
+    s.procs["analytics"].send_signal(signal.SIGSTOP)
+    try:
+        env_list = [c.envelope("scan", {"token": tok, "person_id": pid, "device_id": "flood",
+                                        "counter": i + 1}) for i, pid in enumerate(people)]
+        for e in env_list:                    # pipelined: send all, then read replies
+            c.sock.send(e.SerializeToString())
+        for _ in env_list:
+            assert linli.reply_dict(c.recv_envelope())["ok"]
+    finally:
+        s.procs["analytics"].send_signal(signal.SIGCONT)
+    got = wait_for(lambda: converged(s, cid, aid), timeout=60, what="flood converged")
+    assert got["act_checkins"] == 3000, got
+    # The live path really did drop events, and replay made up for them.
+    def metrics():
+        _, body = linli.http_get(s.http["analytics"], "/metrics")
+        return dict(line.rsplit(" ", 1) for line in body.splitlines() if line and line[0] != "#")
+    m = wait_for(lambda: (lambda m: float(m["linli_analytics_gaps_total"]) > 0 and m)(metrics()),
+                 timeout=5, what="gaps counted")
+    assert float(m["linli_analytics_replays_total"]) > 1, m
 
 
 if __name__ == "__main__":
