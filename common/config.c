@@ -56,6 +56,12 @@ int config_load(void)
         s_entries[s_count].value = xstrdup(s_trim(eq + 1));
         s_count++;
     }
+    /* fopen succeeds on a directory and fgets then fails (EISDIR): without
+     * this check that, or any read error, would pass for an empty file. */
+    if (rc == 0 && ferror(f)) {
+        log_error("config", "cannot read config file path=%s err=%s", path, strerror(errno));
+        rc = -1;
+    }
     fclose(f);
     return rc;
 }

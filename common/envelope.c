@@ -72,12 +72,83 @@ int envelope_validate(const Linli__Envelope *e, char *why, size_t whylen)
     return 0;
 }
 
+/* Reads a varint at p[*i], p[len] the end; 0 when it runs off the end. */
+static int s_varint(const uint8_t *p, size_t len, size_t *i, uint64_t *out)
+{
+    uint64_t v = 0;
+    for (unsigned shift = 0; *i < len && shift < 64; shift += 7) {
+        uint8_t b = p[(*i)++];
+        v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *out = v;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* protobuf-c unpacks sub-messages by recursion without a depth limit, and an
+ * Envelope can hold Envelopes (reply.replay.events), so a frame of a few tens
+ * of kilobytes would exhaust the stack. This walks the wire format first and
+ * returns -1 when messages nest deeper than ENVELOPE_MAX_DEPTH (the top one
+ * is 1), else 0. Bytes it cannot follow are left for unpack to refuse: unpack
+ * gives up on a message before it descends into any of its fields. */
+static int s_depth_check(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t len,
+                         int depth)
+{
+    if (depth > ENVELOPE_MAX_DEPTH)
+        return -1;
+    size_t i = 0;
+    uint64_t key, n;
+    while (i < len) {
+        if (!s_varint(p, len, &i, &key))
+            return 0;
+        switch (key & 7) {
+        case 0:
+            if (!s_varint(p, len, &i, &n))
+                return 0;
+            break;
+        case 1:
+            if (len - i < 8)
+                return 0;
+            i += 8;
+            break;
+        case 5:
+            if (len - i < 4)
+                return 0;
+            i += 4;
+            break;
+        case 2: {
+            if (!s_varint(p, len, &i, &n) || n > len - i)
+                return 0;
+            const ProtobufCFieldDescriptor *f =
+                key >> 3 <= UINT32_MAX
+                    ? protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3))
+                    : NULL;
+            if (f && f->type == PROTOBUF_C_TYPE_MESSAGE &&
+                s_depth_check(f->descriptor, p + i, (size_t)n, depth + 1) < 0)
+                return -1;
+            i += (size_t)n;
+            break;
+        }
+        default:
+            return 0;
+        }
+    }
+    return 0;
+}
+
 Linli__Envelope *envelope_decode(const void *buf, size_t len, const char **code, char *why,
                                  size_t whylen)
 {
     if (len > ENVELOPE_MAX_BYTES) {
         *code = ENVELOPE_E_TOO_LARGE;
         snprintf(why, whylen, "frame of %zu bytes exceeds %d", len, ENVELOPE_MAX_BYTES);
+        return NULL;
+    }
+    if (s_depth_check(&linli__envelope__descriptor, buf, len, 1) < 0) {
+        *code = ENVELOPE_E_MALFORMED;
+        snprintf(why, whylen, "messages nested deeper than %d", ENVELOPE_MAX_DEPTH);
         return NULL;
     }
     Linli__Envelope *e = linli__envelope__unpack(NULL, len, buf);

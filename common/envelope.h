@@ -13,6 +13,7 @@
 #define ENVELOPE_MAX_BYTES (1024 * 1024)  /* larger frames are refused unread */
 #define ENVELOPE_MAX_KEY 128               /* idempotency_key bytes */
 #define ENVELOPE_MAX_NAME 64               /* source, type, trace_id, stream bytes */
+#define ENVELOPE_MAX_DEPTH 16              /* message nesting; the Envelope is 1 */
 
 /* Stable error codes for frames that cannot be accepted. */
 #define ENVELOPE_E_TOO_LARGE "frame_too_large"
@@ -21,7 +22,8 @@
 
 /* Unpacks and validates len bytes. Returns the message (caller frees with
  * envelope_free) or NULL with *code set to one of the codes above and a
- * reason written to why (whylen bytes). */
+ * reason written to why (whylen bytes). Messages nested deeper than
+ * ENVELOPE_MAX_DEPTH are refused as malformed before unpacking. */
 Linli__Envelope *envelope_decode(const void *buf, size_t len, const char **code, char *why,
                                  size_t whylen);
 

@@ -76,12 +76,30 @@ const char *log_mask(const char *s, char *buf, size_t len)
 {
     if (!buf || len == 0)
         return "";
-    size_t n = s ? strlen(s) : 0;
-    if (n <= 6 || n + 1 > len) {
+    /* Characters, not bytes: names are often Chinese, three bytes a
+     * character in UTF-8, and a byte count would show most of a short name
+     * and cut the last character in half. A byte of the form 10xxxxxx
+     * continues a character; every other byte starts one. */
+    size_t n = s ? strlen(s) : 0, chars = 0, head = 0, tail = 0;
+    for (size_t i = 0; i < n; i++)
+        if (((unsigned char)s[i] & 0xc0) != 0x80) {
+            if (chars == 3)
+                head = i;
+            chars++;
+        }
+    for (size_t i = n, k = 0; k < 2 && i-- > 0;)
+        if (((unsigned char)s[i] & 0xc0) != 0x80) {
+            tail = i;
+            k++;
+        }
+    size_t stars = chars > 6 ? chars - 5 : 0, out = head + stars + (n - tail);
+    if (chars <= 6 || out + 1 > len) {
         snprintf(buf, len, "***");
         return buf;
     }
-    memcpy(buf, s, n + 1);
-    memset(buf + 3, '*', n - 5);
+    memcpy(buf, s, head);
+    memset(buf + head, '*', stars);
+    memcpy(buf + head + stars, s + tail, n - tail);
+    buf[out] = '\0';
     return buf;
 }
