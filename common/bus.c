@@ -14,6 +14,7 @@
 struct bus_sock {
     void *zs;                   /* libzmq socket, owned */
     struct event *ev;           /* read watch on ZMQ_FD; NULL for send-only sockets */
+    struct event *more;         /* zero-delay timer: input left after a burst */
     bus_recv_fn *fn;            /* receive callback */
     void *arg;                  /* its argument */
     int type;                   /* ZMQ_ROUTER, ... */
@@ -40,7 +41,7 @@ static int s_drain(bus_sock_t *s)
     int alive = 1;
     s->alive = &alive;
     int handled = 0;
-    while (handled < BUS_BURST && s_pollin(s)) {
+    while (handled < BUS_BURST && !s->paused && s_pollin(s)) {
         zmq_msg_t parts[BUS_MAX_FRAMES];
         bus_msg_t msg = { 0 };
         int n = 0, more = 1, too_many = 0, failed = 0;
@@ -81,7 +82,17 @@ static int s_drain(bus_sock_t *s)
         handled++;
     }
     s->alive = NULL;
-    return s_pollin(s);
+    return !s->paused && s_pollin(s);
+}
+
+/* Handles s's input on the next pass of the loop. Not event_active():
+ * libevent runs an event activated from a callback in the same pass, so a
+ * socket that keeps re-activating itself (or two that activate each other)
+ * would keep the loop from polling and running timers until drained. */
+static void s_wake(bus_sock_t *s)
+{
+    static const struct timeval zero = { 0, 0 };
+    evtimer_add(s->more, &zero);
 }
 
 static void s_on_fd(evutil_socket_t fd, short what, void *arg)
@@ -92,7 +103,7 @@ static void s_on_fd(evutil_socket_t fd, short what, void *arg)
     if (s->paused)
         return;
     if (s_drain(s) == 1)
-        event_active(s->ev, EV_READ, 0);
+        s_wake(s);
 }
 
 bus_sock_t *bus_sock_new(struct event_base *base, void *zctx, int type, bus_recv_fn *fn,
@@ -124,7 +135,8 @@ bus_sock_t *bus_sock_new(struct event_base *base, void *zctx, int type, bus_recv
             goto fail;
         }
         s->ev = event_new(base, fd, EV_READ | EV_PERSIST, s_on_fd, s);
-        if (!s->ev || event_add(s->ev, NULL) != 0) {
+        s->more = evtimer_new(base, s_on_fd, s);
+        if (!s->ev || !s->more || event_add(s->ev, NULL) != 0) {
             log_error("bus", "cannot watch socket fd=%d", fd);
             goto fail;
         }
@@ -144,6 +156,8 @@ void bus_sock_destroy(bus_sock_t **s_p)
         *s->alive = 0;
     if (s->ev)
         event_free(s->ev);
+    if (s->more)
+        event_free(s->more);
     if (s->zs)
         zmq_close(s->zs);
     free(s);
@@ -200,7 +214,7 @@ int bus_send(bus_sock_t *s, int n, const void *const *data, const size_t *size)
     }
     /* Sending may have consumed the edge that announced pending input. */
     if (s->ev && !s->paused && s_pollin(s))
-        event_active(s->ev, EV_READ, 0);
+        s_wake(s);
     return rc;
 }
 
@@ -211,10 +225,11 @@ void bus_pause(bus_sock_t *s, int paused)
     s->paused = paused;
     if (paused) {
         event_del(s->ev);
+        event_del(s->more);
     } else {
         event_add(s->ev, NULL);
         /* Input may have arrived while paused without a new edge. */
-        event_active(s->ev, EV_READ, 0);
+        s_wake(s);
     }
 }
 

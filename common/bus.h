@@ -6,7 +6,9 @@
  * the edge for pending input), we read ZMQ_EVENTS and keep receiving until
  * ZMQ_POLLIN is clear. To keep one busy socket from starving the loop, at
  * most BUS_BURST messages are handled per wake-up; the rest are handled on
- * the next loop iteration via event_active().
+ * the next loop iteration (a zero-delay timer, so due timers and other
+ * sockets get their turn first). A callback may pause or destroy its own
+ * socket; no further message is delivered after either.
  *
  * Every socket gets ZMQ_MAXMSGSIZE = ENVELOPE_MAX_BYTES + 64 KiB and a bounded
  * ZMQ_LINGER, so a peer cannot make us allocate without limit and shutdown

@@ -25,17 +25,25 @@ struct cmdsrv {
 struct cmdsrv_req {
     unsigned char rid[S_MAX_ROUTING_ID]; /* ROUTER routing id of the peer */
     size_t rid_len;
+    bool delimited;              /* a REQ peer: replies need the empty frame too */
     Linli__Envelope *env;        /* decoded request, owned */
     int64_t received_us;
 };
 
-static void s_send(cmdsrv_t *srv, const void *rid, size_t rid_len, const Linli__Envelope *e)
+/* A REQ peer drops any reply that does not start with the empty delimiter
+ * frame it sent, so echo it. */
+static void s_send(cmdsrv_t *srv, const void *rid, size_t rid_len, bool delimited,
+                   const Linli__Envelope *e)
 {
     size_t len;
     uint8_t *buf = envelope_encode(e, &len);
-    const void *data[2] = { rid, buf };
-    size_t size[2] = { rid_len, len };
-    if (bus_send(srv->sock, 2, data, size) != 0)
+    const void *data[3] = { rid, "", buf };
+    size_t size[3] = { rid_len, 0, len };
+    if (!delimited) {
+        data[1] = buf;
+        size[1] = len;
+    }
+    if (bus_send(srv->sock, delimited ? 3 : 2, data, size) != 0)
         log_debug("cmdsrv", "reply not delivered bytes=%zu", len);
     else
         srv->replied++;
@@ -47,7 +55,7 @@ static void s_reject(cmdsrv_t *srv, const bus_msg_t *msg, const char *code, cons
     srv->rejected++;
     log_info("cmdsrv", "rejected frame code=%s why=%s", code, why);
     Linli__Envelope *e = envelope_reply_new(NULL, srv->source, envelope_error_reply(code, why));
-    s_send(srv, msg->data[0], msg->size[0], e);
+    s_send(srv, msg->data[0], msg->size[0], msg->count > 2 && msg->size[1] == 0, e);
     protobuf_c_message_free_unpacked(&e->base, NULL);
 }
 
@@ -88,6 +96,7 @@ static void s_on_msg(bus_sock_t *s, const bus_msg_t *msg, void *arg)
     cmdsrv_req_t *req = xmalloc(sizeof *req);
     memcpy(req->rid, msg->data[0], msg->size[0]);
     req->rid_len = msg->size[0];
+    req->delimited = msg->count == 3;
     req->env = env;
     req->received_us = mono_us();
     srv->outstanding++;
@@ -143,7 +152,7 @@ void cmdsrv_reply(cmdsrv_t *srv, cmdsrv_req_t **req_p, Linli__Reply *reply)
 {
     cmdsrv_req_t *req = *req_p;
     Linli__Envelope *e = envelope_reply_new(req->env, srv->source, reply);
-    s_send(srv, req->rid, req->rid_len, e);
+    s_send(srv, req->rid, req->rid_len, req->delimited, e);
     protobuf_c_message_free_unpacked(&e->base, NULL);
     envelope_free(&req->env);
     free(req);
