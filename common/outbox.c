@@ -25,6 +25,10 @@ struct outbox {
     char *claim_sql, *replay_sql, *state_sql;
     bool claiming;               /* a claim is in the database */
     bool again;                  /* kicked while claiming */
+    Linli__Envelope **claimed;   /* the claim's rows, published once it commits */
+    size_t nclaimed;
+    bool state_read;             /* the claim batch read the stream row, */
+    uint64_t state_epoch, state_seq; /* which held this epoch and last_seq */
     uint64_t epoch, last_seq;
     unsigned long long published;
 };
@@ -81,20 +85,27 @@ static void s_publish(outbox_t *o, const Linli__Envelope *e)
 
 static void s_claim(outbox_t *o);
 
+static void s_on_claim_state(const PGresult *res, void *arg)
+{
+    outbox_t *o = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1)
+        return;
+    o->state_read = true;
+    o->state_epoch = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
+    o->state_seq = strtoull(PQgetvalue(res, 0, 1), NULL, 10);
+}
+
+/* Rows arrive before the server has committed (and the COMMIT may still
+ * fail), so they are only kept here and published by s_on_claim_done. */
 static void s_on_claimed(const PGresult *res, void *arg)
 {
     outbox_t *o = arg;
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK)
         return;
     int n = PQntuples(res);
-    for (int i = 0; i < n; i++) {
-        Linli__Envelope *e = s_row_envelope(o, res, i);
-        s_publish(o, e);
-        o->epoch = e->epoch;
-        o->last_seq = e->sequence;
-        o->published++;
-        protobuf_c_message_free_unpacked(&e->base, NULL);
-    }
+    o->claimed = xcalloc((size_t)n + 1, sizeof *o->claimed);
+    for (int i = 0; i < n; i++)
+        o->claimed[o->nclaimed++] = s_row_envelope(o, res, i);
     if (n == S_CLAIM_LIMIT)
         o->again = true;
 }
@@ -103,6 +114,29 @@ static void s_on_claim_done(int status, const char *errmsg, void *arg)
 {
     outbox_t *o = arg;
     o->claiming = false;
+    if (status == 0 && o->state_read) {
+        /* Numbers given by a claim whose result never reached us (lost
+         * connection after COMMIT, another claimer) are not published
+         * live; the heartbeat must still show them so subscribers replay. */
+        if (o->state_epoch != o->epoch || o->state_seq > o->last_seq) {
+            o->epoch = o->state_epoch;
+            o->last_seq = o->state_seq;
+        }
+    }
+    for (size_t i = 0; i < o->nclaimed; i++) {
+        Linli__Envelope *e = o->claimed[i];
+        if (status == 0) {
+            s_publish(o, e);
+            o->epoch = e->epoch;
+            o->last_seq = e->sequence;
+            o->published++;
+        }
+        protobuf_c_message_free_unpacked(&e->base, NULL);
+    }
+    free(o->claimed);
+    o->claimed = NULL;
+    o->nclaimed = 0;
+    o->state_read = false;
     if (status != 0) {
         log_warn("outbox", "claim failed err=%s", errmsg ? errmsg : "?");
         return; /* the tick retries */
@@ -122,7 +156,10 @@ static void s_claim(outbox_t *o)
     char limit[16];
     snprintf(limit, sizeof limit, "%d", S_CLAIM_LIMIT);
     const char *params[2] = { o->stream, limit };
-    db_batch_t *b = db_batch_new(false);
+    /* In a transaction, so that a failing COMMIT fails the batch and the
+     * rows kept from it are dropped unpublished. */
+    db_batch_t *b = db_batch_new(true);
+    db_batch_add(b, o->state_sql, 1, params, s_on_claim_state, o);
     db_batch_add(b, o->claim_sql, 2, params, s_on_claimed, o);
     db_batch_submit(o->db, &b, s_on_claim_done, o);
 }

@@ -1,0 +1,1150 @@
+/* Unit tests for common/outbox.c and common/sub.c together, with no mocks:
+ * a real PostgreSQL (LINLI_TEST_PG, a libpq conninfo), a schema of our own
+ * (test_outbox_<pid>) holding just the outbox tables and the outbox_claim /
+ * outbox_replay functions copied from services/registry/migrations, a relay
+ * publishing on a real PUB socket and answering Replay through a real
+ * command server, and subscribers in the same event_base. Events are
+ * inserted by ordinary transactions on side connections, as a service would.
+ * Every wait runs the loop under a deadline, so a hang fails the test.
+ * Without LINLI_TEST_PG every test that needs the server is skipped. */
+#include "bus.h"
+#include "cmdcli.h"
+#include "cmdsrv.h"
+#include "db.h"
+#include "log.h"
+#include "outbox.h"
+#include "sub.h"
+#include "util.h"
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <event2/event.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#define S_STREAM "obx"            /* not "registry": nothing may assume the name */
+#define S_DEADLINE_MS 8000        /* one wait; the relay's timer ticks every second */
+#define S_MAX_EVENTS 600          /* events one recorder keeps */
+
+static const char *s_conninfo;  /* NULL: no server, skip */
+static char s_schema[64];
+static PGconn *s_side;          /* blocking connection for set-up, inserts and checks */
+static uint64_t s_next_epoch;   /* each test's stream starts a fresh epoch */
+
+#define S_REQUIRE_PG()                                                                       \
+    do {                                                                                     \
+        if (!s_conninfo)                                                                     \
+            skip();                                                                          \
+    } while (0)
+
+/* One test's loop, sockets and relay. */
+typedef struct {
+    struct event_base *base;
+    void *zctx;
+    bus_sock_t *pub;             /* the relay's PUB */
+    cmdsrv_t *srv;               /* answers Replay with the current relay */
+    outbox_t *ob;                /* NULL while "the service" is down */
+    char *pub_ep, *cmd_ep;
+    struct event *deadline;
+    bool timed_out;
+    uint64_t epoch;              /* the stream's epoch in this test */
+    unsigned replays_served;     /* Replay commands handed to the relay */
+    struct s_rec *recs[4];       /* subscribers, freed at teardown even when a test fails */
+    bus_sock_t *raw;             /* a plain SUB, when a test uses one */
+    cmdcli_t *cli;               /* a plain command client, when a test uses one */
+    PGconn *conns[2];            /* more side connections, when a test uses them */
+} s_env_t;
+
+/* What one subscriber applied. */
+typedef struct s_rec {
+    sub_t *sub;
+    int n;                       /* events applied */
+    uint64_t seq[S_MAX_EVENTS];
+    uint64_t epoch[S_MAX_EVENTS];
+    int64_t mark[S_MAX_EVENTS];  /* the marker each event was inserted with */
+    int malformed;               /* events whose fields did not match their row */
+    int epochs;                  /* on_epoch calls */
+    uint64_t new_epoch;          /* the last on_epoch value */
+    int n_at_epoch;              /* n when on_epoch was last called */
+} s_rec_t;
+
+/* ---- schema ---- */
+
+/* The outbox part of services/registry/migrations/001_schema.sql and the
+ * relay functions of 002_commands.sql, with "{S}" for the schema. */
+static const char s_ddl[] =
+    "CREATE SCHEMA {S};\n"
+    "CREATE TABLE {S}.outbox (\n"
+    "    id            bigserial   PRIMARY KEY,\n"
+    "    event_id      uuid        NOT NULL DEFAULT gen_random_uuid(),\n"
+    "    stream        text        NOT NULL DEFAULT 'registry',\n"
+    "    type          text        NOT NULL,\n"
+    "    community_id  bigint      NOT NULL DEFAULT 0,\n"
+    "    trace_id      text        NOT NULL DEFAULT '',\n"
+    "    occurred_at   bigint      NOT NULL,\n"
+    "    payload       jsonb       NOT NULL,\n"
+    "    seq           bigint,\n"
+    "    published_at  timestamptz,\n"
+    "    CONSTRAINT outbox_stream_seq_key UNIQUE (stream, seq)\n"
+    ");\n"
+    "CREATE INDEX outbox_unclaimed_idx ON {S}.outbox (stream, id) WHERE seq IS NULL;\n"
+    "CREATE TABLE {S}.outbox_stream (\n"
+    "    stream    text   PRIMARY KEY,\n"
+    "    epoch     bigint NOT NULL,\n"
+    "    last_seq  bigint NOT NULL DEFAULT 0\n"
+    ");\n"
+    "CREATE FUNCTION {S}.s_outbox_notify() RETURNS trigger\n"
+    "LANGUAGE plpgsql AS $$\n"
+    "BEGIN\n"
+    "    PERFORM pg_notify('{S}_outbox', '');\n"
+    "    RETURN NULL;\n"
+    "END\n"
+    "$$;\n"
+    "CREATE TRIGGER outbox_notify AFTER INSERT ON {S}.outbox\n"
+    "    FOR EACH STATEMENT EXECUTE FUNCTION {S}.s_outbox_notify();\n"
+    "CREATE FUNCTION {S}.outbox_claim(p_stream text, p_limit integer)\n"
+    "RETURNS TABLE (seq bigint, epoch bigint, event_id uuid, type text, community_id bigint,\n"
+    "               trace_id text, occurred_at bigint, payload text)\n"
+    "LANGUAGE plpgsql AS $$\n"
+    "#variable_conflict use_column\n"
+    "DECLARE\n"
+    "    v_epoch  bigint;\n"
+    "    v_last   bigint;\n"
+    "    v_n      bigint;\n"
+    "BEGIN\n"
+    "    SELECT s.epoch, s.last_seq INTO v_epoch, v_last\n"
+    "      FROM {S}.outbox_stream s WHERE s.stream = p_stream\n"
+    "       FOR UPDATE;\n"
+    "    IF NOT FOUND OR p_limit IS NULL OR p_limit <= 0 THEN\n"
+    "        RETURN;\n"
+    "    END IF;\n"
+    "    RETURN QUERY\n"
+    "    WITH picked AS (\n"
+    "        SELECT o.id, row_number() OVER (ORDER BY o.id) AS rn\n"
+    "          FROM (SELECT o2.id FROM {S}.outbox o2\n"
+    "                 WHERE o2.stream = p_stream AND o2.seq IS NULL\n"
+    "                 ORDER BY o2.id LIMIT p_limit) o),\n"
+    "    numbered AS (\n"
+    "        UPDATE {S}.outbox o\n"
+    "           SET seq = v_last + p.rn, published_at = now()\n"
+    "          FROM picked p\n"
+    "         WHERE o.id = p.id\n"
+    "        RETURNING o.seq, o.event_id, o.type, o.community_id, o.trace_id, o.occurred_at,\n"
+    "                  o.payload)\n"
+    "    SELECT n.seq, v_epoch, n.event_id, n.type, n.community_id, n.trace_id, n.occurred_at,\n"
+    "           n.payload::text\n"
+    "      FROM numbered n ORDER BY n.seq;\n"
+    "    GET DIAGNOSTICS v_n = ROW_COUNT;\n"
+    "    IF v_n > 0 THEN\n"
+    "        UPDATE {S}.outbox_stream s SET last_seq = v_last + v_n WHERE s.stream = p_stream;\n"
+    "    END IF;\n"
+    "END\n"
+    "$$;\n"
+    "CREATE FUNCTION {S}.outbox_replay(p_stream text, p_after bigint, p_limit integer)\n"
+    "RETURNS TABLE (seq bigint, epoch bigint, event_id uuid, type text, community_id bigint,\n"
+    "               trace_id text, occurred_at bigint, payload text)\n"
+    "LANGUAGE sql STABLE AS $$\n"
+    "    SELECT o.seq, s.epoch, o.event_id, o.type, o.community_id, o.trace_id, o.occurred_at,\n"
+    "           o.payload::text\n"
+    "      FROM {S}.outbox_stream s\n"
+    "      JOIN {S}.outbox o ON o.stream = s.stream\n"
+    "     WHERE s.stream = p_stream AND o.seq > p_after\n"
+    "     ORDER BY o.seq\n"
+    "     LIMIT greatest(p_limit, 0)\n"
+    "$$;\n";
+
+/* tmpl with every "{S}" replaced by the schema; caller frees. */
+static char *s_subst(const char *tmpl)
+{
+    size_t slen = strlen(s_schema), cap = strlen(tmpl) * 2 + 1, n = 0;
+    char *out = xmalloc(cap);
+    for (const char *p = tmpl; *p;) {
+        if (n + slen + 1 >= cap) {
+            cap *= 2;
+            out = xrealloc(out, cap);
+        }
+        if (strncmp(p, "{S}", 3) == 0) {
+            memcpy(out + n, s_schema, slen);
+            n += slen;
+            p += 3;
+        } else {
+            out[n++] = *p++;
+        }
+    }
+    out[n] = '\0';
+    return out;
+}
+
+/* Runs tmpl (schema substituted; several statements allowed) on c. */
+static void s_exec_on(PGconn *c, const char *tmpl)
+{
+    char *sql = s_subst(tmpl);
+    PGresult *res = PQexec(c, sql);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK)
+        print_error("SQL failed: %s\n%s", PQerrorMessage(c), sql);
+    ExecStatusType st = PQresultStatus(res);
+    PQclear(res);
+    free(sql);
+    assert_true(st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK);
+}
+
+static void s_exec(const char *tmpl)
+{
+    s_exec_on(s_side, tmpl);
+}
+
+/* The single value of a one-row query, as an integer. */
+static long long s_int(const char *tmpl)
+{
+    char *sql = s_subst(tmpl);
+    PGresult *res = db_exec(s_side, sql, 0, NULL);
+    free(sql);
+    assert_non_null(res);
+    assert_int_equal(PQntuples(res), 1);
+    long long v = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    PQclear(res);
+    return v;
+}
+
+/* Another side connection, closed by the teardown (so a failing test
+ * leaves no open transaction holding locks). */
+static PGconn *s_connect(PGconn **slot)
+{
+    *slot = PQconnectdb(s_conninfo);
+    assert_int_equal(PQstatus(*slot), CONNECTION_OK);
+    PQclear(PQexec(*slot, "SET client_min_messages = warning"));
+    return *slot;
+}
+
+/* ---- inserting events, as a service does ---- */
+
+/* Inserts n events with markers first, first+1, ... (one INSERT each, in
+ * that order) into the open transaction on c. The marker is the row's
+ * community_id and the payload's id, so the receiving side can check both. */
+static void s_insert_rows(PGconn *c, int64_t first, int n)
+{
+    char *sql = s_subst("INSERT INTO {S}.outbox (stream, type, community_id, trace_id, "
+                        "occurred_at, payload) VALUES ('" S_STREAM "', 'community_created', "
+                        "$1::bigint, 'trace-' || $1, $2::bigint, "
+                        "jsonb_build_object('id', $1::bigint, 'name', 'ev' || $1))");
+    for (int i = 0; i < n; i++) {
+        char mark[24], at[24];
+        snprintf(mark, sizeof mark, "%" PRId64, first + i);
+        snprintf(at, sizeof at, "%" PRId64, (int64_t)1700000000000 + first + i);
+        const char *p[2] = { mark, at };
+        PGresult *res = db_exec(c, sql, 2, p);
+        assert_non_null(res);
+        PQclear(res);
+    }
+    free(sql);
+}
+
+/* One transaction of n events that commits (or rolls back). */
+static void s_insert_tx(PGconn *c, int64_t first, int n, bool commit)
+{
+    s_exec_on(c, "BEGIN");
+    s_insert_rows(c, first, n);
+    s_exec_on(c, commit ? "COMMIT" : "ROLLBACK");
+}
+
+/* ---- the loop ---- */
+
+static void s_on_deadline(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    s_env_t *e = arg;
+    e->timed_out = true;
+}
+
+static void s_deadline_arm(s_env_t *e, int ms)
+{
+    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    e->timed_out = false;
+    evtimer_add(e->deadline, &tv);
+}
+
+/* Runs the loop until cond holds; a deadline that passes first fails. */
+#define S_RUN_UNTIL(e, cond)                                                                 \
+    do {                                                                                     \
+        s_deadline_arm((e), S_DEADLINE_MS);                                                  \
+        while (!(cond) && !(e)->timed_out)                                                   \
+            event_base_loop((e)->base, EVLOOP_ONCE);                                         \
+        evtimer_del((e)->deadline);                                                          \
+        if (!(cond))                                                                         \
+            fail_msg("timed out waiting for: %s", #cond);                                    \
+    } while (0)
+
+/* Runs the loop for ms, whatever happens (to see that nothing more comes). */
+static void s_run_for(s_env_t *e, int ms)
+{
+    s_deadline_arm(e, ms);
+    while (!e->timed_out)
+        event_base_loop(e->base, EVLOOP_ONCE);
+}
+
+/* ---- the service side: relay and command server ---- */
+
+static void s_on_command(cmdsrv_t *srv, cmdsrv_req_t *req, void *arg)
+{
+    s_env_t *e = arg;
+    const Linli__Command *cmd = cmdsrv_req_envelope(req)->command;
+    if (cmd->command_case != LINLI__COMMAND__COMMAND_REPLAY || !e->ob) {
+        cmdsrv_reply_error(srv, &req, "unavailable", "no relay");
+        return;
+    }
+    e->replays_served++;
+    outbox_replay(e->ob, srv, &req);
+}
+
+static void s_relay_start(s_env_t *e)
+{
+    assert_null(e->ob);
+    e->ob = outbox_new(e->base, s_conninfo, s_schema, S_STREAM, "test_outbox", e->pub);
+    assert_non_null(e->ob);
+    assert_true(outbox_ready(e->ob));
+}
+
+/* ---- subscribers ---- */
+
+static void s_apply(const Linli__Envelope *ev, void *arg)
+{
+    s_rec_t *r = arg;
+    if (r->n >= S_MAX_EVENTS) {
+        r->malformed++;
+        return;
+    }
+    r->seq[r->n] = ev->sequence;
+    r->epoch[r->n] = ev->epoch;
+    r->mark[r->n] = ev->community_id;
+    r->n++;
+    char name[32], trace[32];
+    snprintf(name, sizeof name, "ev%" PRId64, ev->community_id);
+    snprintf(trace, sizeof trace, "trace-%" PRId64, ev->community_id);
+    bool ok = ev->payload_case == LINLI__ENVELOPE__PAYLOAD_EVENT && ev->event &&
+              ev->event->event_case == LINLI__EVENT__EVENT_COMMUNITY_CREATED &&
+              ev->event->community_created->id == ev->community_id &&
+              strcmp(ev->event->community_created->name, name) == 0 &&
+              strcmp(ev->type, S_STREAM ".community_created") == 0 &&
+              strcmp(ev->stream, S_STREAM) == 0 && strcmp(ev->source, "test_outbox") == 0 &&
+              strcmp(ev->trace_id, trace) == 0 &&
+              ev->occurred_at == 1700000000000 + ev->community_id && uuid_valid(ev->id);
+    if (!ok)
+        r->malformed++;
+}
+
+static void s_on_epoch(uint64_t new_epoch, void *arg)
+{
+    s_rec_t *r = arg;
+    r->epochs++;
+    r->new_epoch = new_epoch;
+    r->n_at_epoch = r->n;
+}
+
+/* A new subscriber from epoch/seq, owned by e. */
+static s_rec_t *s_sub_start(s_env_t *e, uint64_t epoch, uint64_t seq, unsigned batch)
+{
+    s_rec_t *r = NULL;
+    for (size_t i = 0; i < LX_ARRAY_LEN(e->recs) && !r; i++)
+        if (!e->recs[i])
+            r = e->recs[i] = xcalloc(1, sizeof *r);
+    assert_non_null(r);
+    sub_opts_t so = { .pub_endpoint = e->pub_ep, .cmd_endpoint = e->cmd_ep, .stream = S_STREAM,
+                      .source = "test_sub", .epoch = epoch, .sequence = seq,
+                      .replay_batch = batch };
+    r->sub = sub_new(e->base, e->zctx, &so, s_apply, s_on_epoch, r);
+    assert_non_null(r->sub);
+    return r;
+}
+
+/* Checks that from its from-th event on, r applied exactly the markers
+ * want[0..n) with sequences first_seq, first_seq+1, ... in epoch, each once,
+ * and nothing after them. */
+static void s_check(const s_rec_t *r, int from, const int64_t *want, int n, uint64_t first_seq,
+                    uint64_t epoch)
+{
+    assert_int_equal(r->malformed, 0);
+    assert_int_equal(r->n - from, n);
+    for (int i = 0; i < n; i++) {
+        assert_int_equal(r->seq[from + i], first_seq + (uint64_t)i);
+        assert_int_equal(r->epoch[from + i], epoch);
+        assert_int_equal(r->mark[from + i], want[i]);
+    }
+}
+
+/* want = first, first+1, ..., first+n-1 */
+static void s_check_range(const s_rec_t *r, int from, int64_t first, int n, uint64_t first_seq,
+                          uint64_t epoch)
+{
+    int64_t *want = xcalloc((size_t)n + 1, sizeof *want);
+    for (int i = 0; i < n; i++)
+        want[i] = first + i;
+    s_check(r, from, want, n, first_seq, epoch);
+    free(want);
+}
+
+/* The table agrees: n rows, all numbered 1..n exactly once, none pending,
+ * and the stream's last_seq is n. */
+static void s_check_table(long long n)
+{
+    assert_int_equal(s_int("SELECT count(*) FROM {S}.outbox WHERE seq IS NULL"), 0);
+    assert_int_equal(s_int("SELECT count(DISTINCT seq) FROM {S}.outbox"), n);
+    assert_int_equal(s_int("SELECT coalesce(min(seq), 0) FROM {S}.outbox"), n ? 1 : 0);
+    assert_int_equal(s_int("SELECT coalesce(max(seq), 0) FROM {S}.outbox"), n);
+    assert_int_equal(s_int("SELECT last_seq FROM {S}.outbox_stream WHERE stream = '" S_STREAM
+                           "'"),
+                     n);
+}
+
+/* ---- fixtures ---- */
+
+static int s_group_setup(void **state)
+{
+    (void)state;
+    if (!s_conninfo)
+        return 0;
+    s_side = PQconnectdb(s_conninfo);
+    if (PQstatus(s_side) != CONNECTION_OK) {
+        print_error("cannot connect to LINLI_TEST_PG: %s", PQerrorMessage(s_side));
+        return -1;
+    }
+    PQclear(PQexec(s_side, "SET client_min_messages = warning"));
+    char *sql = s_subst("DROP SCHEMA IF EXISTS {S} CASCADE");
+    PQclear(PQexec(s_side, sql));
+    free(sql);
+    sql = s_subst(s_ddl);
+    PGresult *res = PQexec(s_side, sql);
+    free(sql);
+    int rc = PQresultStatus(res) == PGRES_COMMAND_OK ? 0 : -1;
+    if (rc)
+        print_error("schema set-up failed: %s", PQerrorMessage(s_side));
+    PQclear(res);
+    s_next_epoch = (uint64_t)now_ms();
+    return rc;
+}
+
+static int s_group_teardown(void **state)
+{
+    (void)state;
+    if (!s_side)
+        return 0;
+    char *sql = s_subst("DROP SCHEMA IF EXISTS {S} CASCADE");
+    PQclear(PQexec(s_side, sql));
+    free(sql);
+    PQfinish(s_side);
+    s_side = NULL;
+    return 0;
+}
+
+static int s_setup(void **state)
+{
+    s_env_t *e = xcalloc(1, sizeof *e);
+    *state = e;
+    if (!s_conninfo)
+        return 0;
+    e->epoch = ++s_next_epoch;
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "DROP TRIGGER IF EXISTS outbox_refuse ON {S}.outbox; "
+             "DROP FUNCTION IF EXISTS {S}.s_refuse(); "
+             "TRUNCATE {S}.outbox; DELETE FROM {S}.outbox_stream; "
+             "INSERT INTO {S}.outbox_stream (stream, epoch) VALUES ('" S_STREAM "', %" PRIu64 ")",
+             e->epoch);
+    s_exec(sql);
+    e->base = event_base_new();
+    e->deadline = evtimer_new(e->base, s_on_deadline, e);
+    e->zctx = zmq_ctx_new();
+    e->pub = bus_sock_new(e->base, e->zctx, ZMQ_PUB, NULL, NULL);
+    if (!e->pub || bus_bind(e->pub, "tcp://127.0.0.1:*") != 0)
+        return -1;
+    e->pub_ep = xstrdup(bus_endpoint(e->pub));
+    e->srv = cmdsrv_new(e->base, e->zctx, "tcp://127.0.0.1:*", "test_outbox", s_on_command, e);
+    if (!e->srv)
+        return -1;
+    e->cmd_ep = xstrdup(cmdsrv_endpoint(e->srv));
+    return 0;
+}
+
+static int s_teardown(void **state)
+{
+    s_env_t *e = *state;
+    for (size_t i = 0; i < LX_ARRAY_LEN(e->recs); i++) {
+        if (e->recs[i])
+            sub_destroy(&e->recs[i]->sub);
+        free(e->recs[i]);
+    }
+    bus_sock_destroy(&e->raw);
+    cmdcli_destroy(&e->cli);
+    for (size_t i = 0; i < LX_ARRAY_LEN(e->conns); i++)
+        if (e->conns[i])
+            PQfinish(e->conns[i]);
+    /* A test that failed inside a transaction must not leave it open. */
+    if (s_side && PQtransactionStatus(s_side) != PQTRANS_IDLE)
+        PQclear(PQexec(s_side, "ROLLBACK"));
+    outbox_destroy(&e->ob);
+    cmdsrv_destroy(&e->srv);
+    bus_sock_destroy(&e->pub);
+    if (e->zctx)
+        zmq_ctx_term(e->zctx);
+    if (e->deadline)
+        event_free(e->deadline);
+    if (e->base)
+        event_base_free(e->base);
+    free(e->pub_ep);
+    free(e->cmd_ep);
+    free(e);
+    return 0;
+}
+
+/* ---- tests ---- */
+
+/* Events committed while a subscriber listens arrive once each, in commit
+ * order, numbered 1, 2, 3, ... in the stream's epoch, with the row's fields
+ * and the payload translated into the proto Event; the table agrees. */
+static void test_live_in_order(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    s_relay_start(e);
+    s_rec_t *r = s_sub_start(e, 0, 0, 0);
+    S_RUN_UNTIL(e, sub_caught_up(r->sub));
+
+    for (int tx = 0; tx < 5; tx++)
+        s_insert_tx(s_side, 1 + tx * 20, 20, true);
+    S_RUN_UNTIL(e, r->n >= 100);
+    s_check_range(r, 0, 1, 100, 1, e->epoch);
+    s_check_table(100);
+
+    uint64_t ep, seq;
+    outbox_position(e->ob, &ep, &seq);
+    assert_int_equal(ep, e->epoch);
+    assert_int_equal(seq, 100);
+    assert_int_equal(outbox_published(e->ob), 100);
+    sub_position(r->sub, &ep, &seq);
+    assert_int_equal(ep, e->epoch);
+    assert_int_equal(seq, 100);
+    unsigned long long applied, dupes, gaps, replays;
+    sub_stats(r->sub, &applied, &dupes, &gaps, &replays);
+    assert_int_equal(applied, 100);
+    assert_int_equal(r->epochs, 0);
+
+    sub_destroy(&r->sub);
+    assert_null(r->sub);
+    sub_destroy(&r->sub); /* accepts NULL */
+}
+
+/* Order is the order rows become committed, not the order they were
+ * inserted: a transaction that inserted first but is still open holds
+ * nothing up, and its event follows with the next number once it commits. */
+static void test_commit_order(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    PGconn *a = s_connect(&e->conns[0]), *b = s_connect(&e->conns[1]);
+    s_relay_start(e);
+    s_rec_t *r = s_sub_start(e, 0, 0, 0);
+    S_RUN_UNTIL(e, sub_caught_up(r->sub));
+
+    s_exec_on(a, "BEGIN");
+    s_insert_rows(a, 1, 3);        /* lower ids, committed last */
+    s_insert_tx(b, 11, 2, true);
+    S_RUN_UNTIL(e, r->n >= 2);
+    s_exec_on(b, "BEGIN");
+    s_insert_rows(b, 21, 1);
+    s_exec_on(a, "COMMIT");
+    S_RUN_UNTIL(e, r->n >= 5);
+    s_exec_on(b, "COMMIT");
+    S_RUN_UNTIL(e, r->n >= 6);
+
+    const int64_t want[] = { 11, 12, 1, 2, 3, 21 };
+    s_check(r, 0, want, 6, 1, e->epoch);
+    s_check_table(6);
+    /* Sequences follow commit order even though ids do not. */
+    assert_int_equal(s_int("SELECT count(*) FROM {S}.outbox o1 JOIN {S}.outbox o2 "
+                           "ON o1.id < o2.id AND o1.seq > o2.seq"),
+                     6);
+
+    sub_destroy(&r->sub);
+}
+
+/* Events of a transaction that rolls back (on purpose, or because a later
+ * statement failed) are never published, and leave no hole in the numbers
+ * though they used up ids. */
+static void test_rollback_invisible(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    s_relay_start(e);
+    s_rec_t *r = s_sub_start(e, 0, 0, 0);
+    S_RUN_UNTIL(e, sub_caught_up(r->sub));
+
+    s_insert_tx(s_side, 1, 3, true);
+    s_insert_tx(s_side, 1001, 5, false);
+    /* A failing statement aborts the transaction: COMMIT then rolls back. */
+    s_exec("BEGIN");
+    s_insert_rows(s_side, 2001, 2);
+    PGresult *res = PQexec(s_side, "SELECT 1/0");
+    assert_int_equal(PQresultStatus(res), PGRES_FATAL_ERROR);
+    PQclear(res);
+    res = PQexec(s_side, "COMMIT");
+    assert_string_equal(PQcmdStatus(res), "ROLLBACK");
+    PQclear(res);
+    s_insert_tx(s_side, 4, 2, true);
+
+    S_RUN_UNTIL(e, r->n >= 5);
+    /* Over a relay tick (claim and heartbeat): nothing else appears. */
+    s_run_for(e, 1300);
+    s_check_range(r, 0, 1, 5, 1, e->epoch);
+    s_check_table(5);
+    assert_int_equal(s_int("SELECT count(*) FROM {S}.outbox WHERE community_id > 1000"), 0);
+    assert_int_equal(outbox_published(e->ob), 5);
+
+    sub_destroy(&r->sub);
+}
+
+/* A subscriber that starts after the events were published gets all of
+ * them by replay, in pages smaller than the history (ReplayResult.more),
+ * and then follows live. */
+static void test_late_subscriber(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    s_relay_start(e);
+    for (int tx = 0; tx < 5; tx++)
+        s_insert_tx(s_side, 1 + tx * 50, 50, true);
+    S_RUN_UNTIL(e, outbox_published(e->ob) >= 250);
+
+    s_rec_t *r = s_sub_start(e, 0, 0, 64);
+    S_RUN_UNTIL(e, sub_caught_up(r->sub) && r->n >= 250);
+    s_check_range(r, 0, 1, 250, 1, e->epoch);
+    assert_true(e->replays_served >= 4); /* 250 events in pages of 64 */
+
+    s_insert_tx(s_side, 251, 10, true);
+    S_RUN_UNTIL(e, r->n >= 260);
+    s_check_range(r, 0, 1, 260, 1, e->epoch);
+    s_check_table(260);
+
+    sub_destroy(&r->sub);
+}
+
+/* A subscriber restarted from the position it stored gets exactly the
+ * events it missed: nothing at or below the position, nothing twice. */
+static void test_restart_from_position(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    s_relay_start(e);
+    s_rec_t *r1 = s_sub_start(e, 0, 0, 0);
+    S_RUN_UNTIL(e, sub_caught_up(r1->sub));
+    s_insert_tx(s_side, 1, 40, true);
+    S_RUN_UNTIL(e, r1->n >= 40);
+    uint64_t ep, seq;
+    sub_position(r1->sub, &ep, &seq);
+    assert_int_equal(ep, e->epoch);
+    assert_int_equal(seq, 40);
+    sub_destroy(&r1->sub);
+
+    s_insert_tx(s_side, 41, 15, true);
+    s_insert_tx(s_side, 56, 15, true);
+    S_RUN_UNTIL(e, outbox_published(e->ob) >= 70);
+
+    s_rec_t *r2 = s_sub_start(e, ep, seq, 0);
+    S_RUN_UNTIL(e, sub_caught_up(r2->sub) && r2->n >= 30);
+    s_insert_tx(s_side, 71, 5, true);
+    S_RUN_UNTIL(e, r2->n >= 35);
+    /* A heartbeat later, still exactly those. */
+    s_run_for(e, 1200);
+    s_check_range(r2, 0, 41, 35, 41, e->epoch);
+    assert_int_equal(r2->epochs, 0);
+    sub_position(r2->sub, &ep, &seq);
+    assert_int_equal(seq, 75);
+
+    sub_destroy(&r2->sub);
+}
+
+/* The relay destroyed and created again (a service restart) carries on
+ * from the stream's last number: events committed while it was down, and
+ * a claim cut off in flight by the destroy, reach the subscriber once each
+ * with no gap. */
+static void test_relay_restart(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    s_relay_start(e);
+    s_rec_t *r = s_sub_start(e, 0, 0, 0);
+    S_RUN_UNTIL(e, sub_caught_up(r->sub));
+    s_insert_tx(s_side, 1, 30, true);
+    S_RUN_UNTIL(e, r->n >= 30);
+
+    /* Down while events are committed. */
+    outbox_destroy(&e->ob);
+    assert_null(e->ob);
+    s_insert_tx(s_side, 31, 20, true);
+    s_run_for(e, 200);
+    assert_int_equal(r->n, 30);
+    s_relay_start(e);
+    S_RUN_UNTIL(e, r->n >= 50);
+    assert_int_equal(outbox_published(e->ob), 20);
+
+    /* Destroyed with a claim in the database: it may commit with nobody
+     * left to publish it; the next relay's heartbeat shows the number and
+     * the subscriber replays. */
+    s_insert_tx(s_side, 51, 20, true);
+    outbox_kick(e->ob);
+    outbox_destroy(&e->ob);
+    s_relay_start(e);
+    s_insert_tx(s_side, 71, 10, true);
+    S_RUN_UNTIL(e, r->n >= 80);
+    s_run_for(e, 300);
+    s_check_range(r, 0, 1, 80, 1, e->epoch);
+    s_check_table(80);
+    uint64_t ep, seq;
+    outbox_position(e->ob, &ep, &seq);
+    assert_int_equal(ep, e->epoch);
+    assert_int_equal(seq, 80);
+
+    sub_destroy(&r->sub);
+}
+
+/* One round trip per commit: the relay is woken by NOTIFY, not by its
+ * one-second timer, so five sequential commit-to-apply trips take well
+ * under the four seconds the timer alone would need. */
+static void test_notify_wakes_relay(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    s_relay_start(e);
+    s_rec_t *r = s_sub_start(e, 0, 0, 0);
+    S_RUN_UNTIL(e, sub_caught_up(r->sub));
+    int64_t t0 = mono_us();
+    for (int i = 0; i < 5; i++) {
+        s_insert_tx(s_side, 1 + i, 1, true);
+        S_RUN_UNTIL(e, r->n >= i + 1);
+    }
+    int64_t took_ms = (mono_us() - t0) / 1000;
+    if (took_ms >= 2500)
+        fail_msg("5 commits took %lld ms to arrive", (long long)took_ms);
+    s_check_range(r, 0, 1, 5, 1, e->epoch);
+    sub_destroy(&r->sub);
+}
+
+/* A subscriber of the wire, with no gap logic: what the PUB socket sends. */
+typedef struct {
+    int events;
+    int heartbeats;
+    int bad;                     /* frames that are not [stream][Envelope] */
+    uint64_t hb_epoch, hb_last;  /* the latest heartbeat */
+} s_wire_t;
+
+static void s_on_wire(bus_sock_t *bs, const bus_msg_t *msg, void *arg)
+{
+    (void)bs;
+    s_wire_t *w = arg;
+    const char *code;
+    char why[128];
+    if (msg->count != 2 || msg->size[0] != strlen(S_STREAM) ||
+        memcmp(msg->data[0], S_STREAM, msg->size[0]) != 0) {
+        w->bad++;
+        return;
+    }
+    Linli__Envelope *ev = envelope_decode(msg->data[1], msg->size[1], &code, why, sizeof why);
+    if (!ev) {
+        w->bad++;
+        return;
+    }
+    if (ev->payload_case == LINLI__ENVELOPE__PAYLOAD_HEARTBEAT) {
+        w->heartbeats++;
+        w->hb_epoch = ev->heartbeat->epoch;
+        w->hb_last = ev->heartbeat->last_sequence;
+        if (strcmp(ev->heartbeat->stream, S_STREAM) != 0 || ev->sequence != w->hb_last ||
+            strcmp(ev->type, "heartbeat") != 0)
+            w->bad++;
+    } else if (ev->payload_case == LINLI__ENVELOPE__PAYLOAD_EVENT) {
+        w->events++;
+    } else {
+        w->bad++;
+    }
+    envelope_free(&ev);
+}
+
+/* On the wire: [stream][Envelope] frames, and a heartbeat every second with
+ * the stream's epoch and newest number, so a subscriber that lost the tail
+ * notices. */
+static void test_wire_heartbeat(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    s_wire_t w = { 0 };
+    e->raw = bus_sock_new(e->base, e->zctx, ZMQ_SUB, s_on_wire, &w);
+    assert_non_null(e->raw);
+    assert_int_equal(zmq_setsockopt(bus_zsock(e->raw), ZMQ_SUBSCRIBE, "", 0), 0);
+    assert_int_equal(bus_connect(e->raw, e->pub_ep), 0);
+    s_relay_start(e);
+    S_RUN_UNTIL(e, w.heartbeats >= 1);
+    assert_int_equal(w.hb_epoch, e->epoch);
+    assert_int_equal(w.hb_last, 0);
+
+    s_insert_tx(s_side, 1, 7, true);
+    S_RUN_UNTIL(e, w.events >= 7 && w.hb_last == 7);
+    assert_int_equal(w.hb_epoch, e->epoch);
+    assert_int_equal(w.bad, 0);
+    bus_sock_destroy(&e->raw);
+}
+
+/* What a Replay command gets, seen directly. */
+typedef struct {
+    int replies;
+    int ok;
+    char code[64];
+    uint64_t epoch, last;
+    int n;
+    uint64_t first_seq, last_seq;
+    int more, epoch_changed;
+} s_replay_seen_t;
+
+static void s_on_replay_reply(const Linli__Envelope *reply, void *arg)
+{
+    s_replay_seen_t *s = arg;
+    memset(s, 0, sizeof *s);
+    s->replies = 1;
+    if (!reply) {
+        snprintf(s->code, sizeof s->code, "timeout");
+        return;
+    }
+    const Linli__Reply *rp = reply->reply;
+    s->ok = rp->ok;
+    if (rp->error)
+        snprintf(s->code, sizeof s->code, "%s", rp->error->code);
+    if (rp->result_case != LINLI__REPLY__RESULT_REPLAY)
+        return;
+    s->epoch = rp->replay->epoch;
+    s->last = rp->replay->last_sequence;
+    s->n = (int)rp->replay->n_events;
+    if (s->n) {
+        s->first_seq = rp->replay->events[0]->sequence;
+        s->last_seq = rp->replay->events[s->n - 1]->sequence;
+    }
+    s->more = rp->replay->more;
+    s->epoch_changed = rp->replay->epoch_changed;
+}
+
+static void s_ask(s_env_t *e, cmdcli_t *cli, const char *stream, uint64_t epoch, uint64_t after,
+                  unsigned limit, s_replay_seen_t *seen)
+{
+    Linli__Replay *rq = xmalloc(sizeof *rq);
+    linli__replay__init(rq);
+    rq->stream = xstrdup(stream);
+    rq->epoch = epoch;
+    rq->after_sequence = after;
+    rq->limit = limit;
+    Linli__Command *cmd = xmalloc(sizeof *cmd);
+    linli__command__init(cmd);
+    cmd->command_case = LINLI__COMMAND__COMMAND_REPLAY;
+    cmd->replay = rq;
+    Linli__Envelope *env = cmdcli_envelope(S_STREAM, "test_outbox", "", 0, cmd);
+    memset(seen, 0, sizeof *seen);
+    assert_int_equal(cmdcli_send(cli, env, 5000, s_on_replay_reply, seen), 0);
+    protobuf_c_message_free_unpacked(&env->base, NULL);
+    S_RUN_UNTIL(e, seen->replies == 1);
+}
+
+/* The Replay contract: events after the asked number up to the limit (the
+ * server's cap of 1000 when 0 or more is asked), `more` when a page is
+ * full, the stream's position, epoch_changed for a stale epoch, not_found
+ * for another stream. */
+static void test_replay_command(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    s_relay_start(e);
+    for (int tx = 0; tx < 3; tx++)
+        s_insert_tx(s_side, 1 + tx * 400, 400, true);
+    S_RUN_UNTIL(e, outbox_published(e->ob) >= 1200);
+    e->cli = cmdcli_new(e->base, e->zctx, e->cmd_ep);
+    assert_non_null(e->cli);
+    cmdcli_t *cli = e->cli;
+    s_replay_seen_t s;
+
+    s_ask(e, cli, S_STREAM, 0, 0, 10, &s);
+    assert_true(s.ok);
+    assert_int_equal(s.epoch, e->epoch);
+    assert_int_equal(s.last, 1200);
+    assert_int_equal(s.n, 10);
+    assert_int_equal(s.first_seq, 1);
+    assert_int_equal(s.last_seq, 10);
+    assert_true(s.more);
+
+    s_ask(e, cli, S_STREAM, e->epoch, 1195, 10, &s);
+    assert_true(s.ok);
+    assert_int_equal(s.n, 5);
+    assert_int_equal(s.first_seq, 1196);
+    assert_int_equal(s.last_seq, 1200);
+    assert_false(s.more);
+
+    s_ask(e, cli, S_STREAM, e->epoch, 0, 0, &s); /* 0: the server's cap */
+    assert_int_equal(s.n, 1000);
+    assert_true(s.more);
+    s_ask(e, cli, S_STREAM, e->epoch, 100, 5000, &s);
+    assert_int_equal(s.n, 1000);
+    assert_int_equal(s.first_seq, 101);
+    assert_int_equal(s.last_seq, 1100);
+
+    s_ask(e, cli, S_STREAM, e->epoch, 1200, 10, &s);
+    assert_true(s.ok);
+    assert_int_equal(s.n, 0);
+    assert_int_equal(s.last, 1200);
+    assert_false(s.more);
+
+    s_ask(e, cli, S_STREAM, e->epoch + 1000, 5, 10, &s);
+    assert_true(s.ok);
+    assert_true(s.epoch_changed);
+    assert_int_equal(s.epoch, e->epoch);
+    assert_int_equal(s.n, 0);
+
+    s_ask(e, cli, "other", 0, 0, 10, &s);
+    assert_false(s.ok);
+    assert_string_equal(s.code, "not_found");
+
+    cmdcli_destroy(&e->cli);
+}
+
+/* The producer's history restarts (new epoch, numbers from 1 again): a
+ * following subscriber and one restarted from an old-epoch position both
+ * drop the old state (on_epoch) and apply the new history from 1. */
+static void test_epoch_change(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    s_relay_start(e);
+    s_rec_t *r = s_sub_start(e, 0, 0, 0);
+    S_RUN_UNTIL(e, sub_caught_up(r->sub));
+    s_insert_tx(s_side, 1, 10, true);
+    S_RUN_UNTIL(e, r->n >= 10);
+    uint64_t old_epoch = e->epoch;
+
+    outbox_destroy(&e->ob);
+    e->epoch = ++s_next_epoch;
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "TRUNCATE {S}.outbox; UPDATE {S}.outbox_stream SET epoch = %" PRIu64
+             ", last_seq = 0",
+             e->epoch);
+    s_exec(sql);
+    s_relay_start(e);
+    s_insert_tx(s_side, 101, 5, true);
+    S_RUN_UNTIL(e, r->epochs == 1 && r->n >= 15);
+    assert_int_equal(r->new_epoch, e->epoch);
+    assert_int_equal(r->n_at_epoch, 10);
+    for (int i = 0; i < 10; i++) {
+        assert_int_equal(r->seq[i], i + 1);
+        assert_int_equal(r->epoch[i], old_epoch);
+        assert_int_equal(r->mark[i], i + 1);
+    }
+    s_check_range(r, 10, 101, 5, 1, e->epoch);
+
+    s_rec_t *r2 = s_sub_start(e, old_epoch, 10, 0);
+    S_RUN_UNTIL(e, r2->epochs == 1 && r2->n >= 5);
+    assert_int_equal(r2->n_at_epoch, 0);
+    s_check_range(r2, 0, 101, 5, 1, e->epoch);
+
+    sub_destroy(&r->sub);
+    sub_destroy(&r2->sub);
+}
+
+/* A claim whose COMMIT fails (here a deferred constraint that refuses one
+ * row) publishes nothing: the events go out only once they are committed,
+ * so when the bad row is removed the numbers the subscriber applied are
+ * the numbers the table holds. */
+static void test_commit_failure_not_published(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    s_exec("CREATE FUNCTION {S}.s_refuse() RETURNS trigger LANGUAGE plpgsql AS $$\n"
+           "BEGIN\n"
+           "    IF NEW.community_id = 666 AND NEW.seq IS NOT NULL THEN\n"
+           "        RAISE EXCEPTION 'refused at commit';\n"
+           "    END IF;\n"
+           "    RETURN NULL;\n"
+           "END $$;\n"
+           "CREATE CONSTRAINT TRIGGER outbox_refuse AFTER UPDATE ON {S}.outbox\n"
+           "    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {S}.s_refuse()");
+    s_relay_start(e);
+    s_rec_t *r = s_sub_start(e, 0, 0, 0);
+    S_RUN_UNTIL(e, sub_caught_up(r->sub));
+    s_insert_tx(s_side, 1, 3, true);
+    S_RUN_UNTIL(e, r->n >= 3);
+
+    s_exec("BEGIN");
+    s_insert_rows(s_side, 4, 1);
+    s_insert_rows(s_side, 666, 1);
+    s_exec("COMMIT");
+    /* Claims fail at COMMIT, every tick. */
+    s_run_for(e, 1500);
+    assert_int_equal(r->n, 3);
+    assert_int_equal(s_int("SELECT count(*) FROM {S}.outbox WHERE seq IS NULL"), 2);
+
+    s_exec("DELETE FROM {S}.outbox WHERE community_id = 666");
+    s_insert_tx(s_side, 7, 1, true);
+    S_RUN_UNTIL(e, r->n >= 5);
+    s_run_for(e, 300);
+    const int64_t want[] = { 1, 2, 3, 4, 7 };
+    s_check(r, 0, want, 5, 1, e->epoch);
+    s_check_table(5);
+}
+
+/* Events numbered by a claim whose result never reached this relay (its
+ * connection dropped after COMMIT, or another claimer took them) are not
+ * published live; the heartbeat still carries the stream's newest number,
+ * so a subscriber notices the lost tail and replays it. */
+static void test_lost_tail_replayed(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    s_relay_start(e);
+    s_rec_t *r = s_sub_start(e, 0, 0, 0);
+    S_RUN_UNTIL(e, sub_caught_up(r->sub));
+    s_insert_tx(s_side, 1, 3, true);
+    S_RUN_UNTIL(e, r->n >= 3);
+
+    s_exec("BEGIN");
+    s_insert_rows(s_side, 4, 3);
+    assert_int_equal(s_int("SELECT count(*) FROM {S}.outbox_claim('" S_STREAM "', 100)"), 3);
+    s_exec("COMMIT");
+    S_RUN_UNTIL(e, r->n >= 6);
+    s_check_range(r, 0, 1, 6, 1, e->epoch);
+    s_check_table(6);
+    assert_int_equal(outbox_published(e->ob), 3);
+}
+
+/* A subscriber that starts while the producer cannot answer (its replies
+ * say "unavailable") keeps asking, and catches up once the relay is back. */
+static void test_sub_retries(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    s_insert_tx(s_side, 1, 4, true);
+    s_rec_t *r = s_sub_start(e, 0, 0, 0);
+    s_run_for(e, 300);
+    assert_false(sub_caught_up(r->sub));
+    assert_int_equal(r->n, 0);
+    s_relay_start(e);
+    S_RUN_UNTIL(e, sub_caught_up(r->sub) && r->n >= 4);
+    s_insert_tx(s_side, 5, 2, true);
+    S_RUN_UNTIL(e, r->n >= 6);
+    s_check_range(r, 0, 1, 6, 1, e->epoch);
+    unsigned long long applied, dupes, gaps, replays;
+    sub_stats(r->sub, &applied, &dupes, &gaps, &replays);
+    assert_true(replays >= 2);
+}
+
+/* An event envelope as a producer of stream would send it. */
+static void s_send_event(s_env_t *e, const char *topic, const char *stream, uint64_t epoch,
+                         uint64_t seq, int64_t mark)
+{
+    Linli__CommunityCreated cc = LINLI__COMMUNITY_CREATED__INIT;
+    cc.id = mark;
+    cc.name = (char *)"foreign";
+    Linli__Event ev = LINLI__EVENT__INIT;
+    ev.event_case = LINLI__EVENT__EVENT_COMMUNITY_CREATED;
+    ev.community_created = &cc;
+    Linli__Envelope env = LINLI__ENVELOPE__INIT;
+    char id[37];
+    uuid_new(id);
+    env.id = id;
+    env.type = (char *)"x.community_created";
+    env.source = (char *)"intruder";
+    env.stream = (char *)stream;
+    env.epoch = epoch;
+    env.sequence = seq;
+    env.community_id = mark;
+    env.payload_case = LINLI__ENVELOPE__PAYLOAD_EVENT;
+    env.event = &ev;
+    size_t len;
+    uint8_t *buf = envelope_encode(&env, &len);
+    const void *data[2] = { topic, buf };
+    size_t size[2] = { strlen(topic), len };
+    assert_int_equal(bus_send(e->pub, 2, data, size), 0);
+    free(buf);
+}
+
+/* What a subscriber ignores on the live socket: frames that do not decode,
+ * messages of the wrong shape, and events of another stream whose name our
+ * topic is a prefix of (ZMQ_SUBSCRIBE matches prefixes). */
+static void test_sub_ignores_foreign_frames(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    s_relay_start(e);
+    s_rec_t *r = s_sub_start(e, 0, 0, 0);
+    S_RUN_UNTIL(e, sub_caught_up(r->sub));
+    s_insert_tx(s_side, 1, 2, true);
+    S_RUN_UNTIL(e, r->n >= 2);
+
+    const void *g[3] = { S_STREAM, "\xff\x01garbage", "x" };
+    size_t gs[3] = { strlen(S_STREAM), 9, 1 };
+    assert_int_equal(bus_send(e->pub, 2, g, gs), 0);
+    assert_int_equal(bus_send(e->pub, 3, g, gs), 0);
+    assert_int_equal(bus_send(e->pub, 1, g, gs), 0);
+    s_send_event(e, S_STREAM "tra", S_STREAM "tra", e->epoch, 3, 999);
+    s_send_event(e, S_STREAM, S_STREAM "tra", e->epoch, 3, 998);
+    s_run_for(e, 200);
+    assert_int_equal(r->n, 2);
+
+    s_insert_tx(s_side, 3, 2, true);
+    S_RUN_UNTIL(e, r->n >= 4);
+    s_run_for(e, 200);
+    s_check_range(r, 0, 1, 4, 1, e->epoch);
+    assert_int_equal(r->epochs, 0);
+}
+
+/* outbox_new refuses, logged, when it cannot work: no server, or a stream
+ * the schema does not have. */
+static void test_new_fails(void **state)
+{
+    S_REQUIRE_PG();
+    s_env_t *e = *state;
+    outbox_t *o = outbox_new(e->base, s_conninfo, s_schema, "nosuchstream", "t", e->pub);
+    assert_null(o);
+    o = outbox_new(e->base, "host=/nonexistent port=1", s_schema, S_STREAM, "t", e->pub);
+    assert_null(o);
+    outbox_destroy(&o); /* accepts NULL */
+    outbox_destroy(NULL);
+}
+
+int main(void)
+{
+    log_init("test_outbox", LOG_LEVEL_ERROR);
+    s_conninfo = getenv("LINLI_TEST_PG");
+    if (s_conninfo && !*s_conninfo)
+        s_conninfo = NULL;
+    if (!s_conninfo)
+        printf("# LINLI_TEST_PG is not set: skipping the tests that need PostgreSQL\n");
+    snprintf(s_schema, sizeof s_schema, "test_outbox_%d", (int)getpid());
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_live_in_order, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_commit_order, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_rollback_invisible, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_late_subscriber, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_restart_from_position, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_relay_restart, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_notify_wakes_relay, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_wire_heartbeat, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_replay_command, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_epoch_change, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_commit_failure_not_published, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_lost_tail_replayed, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_sub_retries, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_sub_ignores_foreign_frames, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_new_fails, s_setup, s_teardown),
+    };
+    return cmocka_run_group_tests(tests, s_group_setup, s_group_teardown);
+}
