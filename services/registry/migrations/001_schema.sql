@@ -211,8 +211,11 @@ CREATE TABLE registry.checkins (
 );
 CREATE UNIQUE INDEX checkins_open_key ON registry.checkins (activity_id, person_id)
     WHERE checked_out_at IS NULL;
+-- The extra "auto_checkout_at IS NOT NULL" keeps this index from matching
+-- the open-check-in lookup by (activity_id, person_id), which a plan made
+-- from stale statistics could otherwise run through it.
 CREATE INDEX checkins_due_idx ON registry.checkins (auto_checkout_at)
-    WHERE checked_out_at IS NULL;
+    WHERE checked_out_at IS NULL AND auto_checkout_at IS NOT NULL;
 
 -- Every scan, accepted or refused, for statistics and for nonce replay:
 -- (device_id, counter) is the scanner's nonce, and a repeated one gets the

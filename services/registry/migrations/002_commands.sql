@@ -416,6 +416,7 @@ DECLARE
     v_group      bigint;
     v_status     text;
     v_signups    bigint[];
+    v_pid        bigint;
     v_position   integer := 0;
     v_result     jsonb;
 BEGIN
@@ -444,17 +445,25 @@ BEGIN
     ELSIF (SELECT count(*) FROM registry.people WHERE id = ANY (v_ids)) <> v_n THEN
         RETURN registry.s_err('unknown_person', 'Somebody in person_ids is not registered.');
     END IF;
+    IF v_n > v_capacity THEN
+        -- it could never be seated, and would block the waiting list
+        RETURN registry.s_err('activity_full', 'The group is larger than the activity.');
+    END IF;
     IF v_now < v_opens THEN
         RETURN registry.s_err('signup_not_open', 'Sign-up for this activity has not opened yet.');
     ELSIF v_now >= v_closes THEN
         RETURN registry.s_err('signup_closed', 'Sign-up for this activity has closed.');
     END IF;
-    IF EXISTS (SELECT 1 FROM registry.signups
-                WHERE activity_id = v_activity AND person_id = ANY (v_ids)
-                  AND status IN ('confirmed', 'waitlisted', 'offered')) THEN
-        RETURN registry.s_err('already_signed_up',
-            'Somebody in the group is already signed up or waiting for this activity.');
-    END IF;
+    -- One probe of the unique index per person: "person_id = ANY (array)"
+    -- would let a cached generic plan scan every sign-up of the activity.
+    FOREACH v_pid IN ARRAY v_ids LOOP
+        IF EXISTS (SELECT 1 FROM registry.signups
+                    WHERE activity_id = v_activity AND person_id = v_pid
+                      AND status IN ('confirmed', 'waitlisted', 'offered')) THEN
+            RETURN registry.s_err('already_signed_up',
+                'Somebody in the group is already signed up or waiting for this activity.');
+        END IF;
+    END LOOP;
 
     IF v_taken + v_n <= v_capacity
        AND NOT EXISTS (SELECT 1 FROM registry.wait_groups
@@ -745,6 +754,7 @@ DECLARE
     v_allowed    boolean;
     v_open       bigint;
     v_auto       bigint;
+    v_out        bigint;
     v_route      bigint;
     v_has_stamp  boolean;
     s            record;
@@ -826,12 +836,13 @@ BEGIN
                 -- an offline exit may be uploaded with a time before its entry
                 UPDATE registry.checkins
                    SET checked_out_at = greatest(v_at, checked_in_at), automatic = false
-                 WHERE id = v_open;
+                 WHERE id = v_open
+                RETURNING checked_out_at INTO v_out;
                 v_checkin := v_open;
-                PERFORM registry.s_emit('checked_out', v_community, v_at,
+                PERFORM registry.s_emit('checked_out', v_community, v_out,
                     jsonb_build_object('checkin_id', v_checkin, 'activity_id', v_subject,
                                        'person_id', v_person, 'community_id', v_community,
-                                       'at', v_at, 'automatic', false), p_ctx);
+                                       'at', v_out, 'automatic', false), p_ctx);
             END IF;
         END IF;
     ELSE
@@ -846,7 +857,9 @@ BEGIN
           FROM registry.stations st JOIN registry.routes r ON r.id = st.route_id
          WHERE st.id = v_subject;
         IF NOT FOUND THEN
+            -- SELECT INTO left every target NULL
             v_reason := 'not_found';
+            v_stamps := 0;
             v_stations := 0;
         ELSE
             v_community := v_subj_comm;
