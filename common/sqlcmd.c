@@ -12,8 +12,8 @@
 typedef struct s_item {
     cmdsrv_req_t *req;        /* owned until replied */
     char *name;               /* command name */
-    char *args;               /* JSON text */
-    char *ctx;                /* JSON text */
+    char *json;               /* {"n": name, "k": key, "a": args, "c": ctx} */
+    size_t json_len;
     bool single;              /* run alone: its batch failed once */
     /* filled from the result row */
     char *code, *message, *result;
@@ -25,11 +25,14 @@ struct sqlcmd {
     cmdsrv_t *srv;
     db_t *db;
     sqlcmd_opts_t opts;
-    char *sql;                /* SELECT ... FROM <schema>.exec(...) */
+    char *sql;                /* SELECT ... FROM <schema>.exec_batch($1) */
     s_item_t *head, *tail;    /* queue, FIFO */
     int queued;
     s_item_t *flight;         /* the batch in the database */
     int in_flight;
+    s_item_t **slots;         /* the batch by position, batch_max entries */
+    char *buf;                /* the batch's JSON array, reused */
+    size_t buf_cap;
     bool closing;             /* sqlcmd_close called */
     unsigned long long batches, commands, retried, failed;
 };
@@ -37,8 +40,7 @@ struct sqlcmd {
 static void s_item_free(s_item_t *it)
 {
     free(it->name);
-    free(it->args);
-    free(it->ctx);
+    free(it->json);
     free(it->code);
     free(it->message);
     free(it->result);
@@ -54,15 +56,26 @@ static void s_item_clear_result(s_item_t *it)
     it->got_row = false;
 }
 
-static void s_on_row(const PGresult *res, void *arg)
+/* One row per command: (i, code, message, result), i its position in the
+ * batch; rows come in no particular order. A command left without a row is
+ * answered "internal" (see s_on_done). */
+static void s_on_rows(const PGresult *res, void *arg)
 {
-    s_item_t *it = arg;
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1)
+    sqlcmd_t *q = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != 4)
         return;
-    it->got_row = true;
-    it->code = xstrdup(PQgetvalue(res, 0, 0));
-    it->message = xstrdup(PQgetvalue(res, 0, 1));
-    it->result = PQgetisnull(res, 0, 2) ? NULL : xstrdup(PQgetvalue(res, 0, 2));
+    for (int row = 0, n = PQntuples(res); row < n; row++) {
+        int i = atoi(PQgetvalue(res, row, 0));
+        if (i < 0 || i >= q->in_flight || q->slots[i]->got_row || PQgetisnull(res, row, 1)) {
+            log_error("sqlcmd", "unexpected result row position=%s", PQgetvalue(res, row, 0));
+            continue;
+        }
+        s_item_t *it = q->slots[i];
+        it->got_row = true;
+        it->code = xstrdup(PQgetvalue(res, row, 1));
+        it->message = xstrdup(PQgetvalue(res, row, 2));
+        it->result = PQgetisnull(res, row, 3) ? NULL : xstrdup(PQgetvalue(res, row, 3));
+    }
 }
 
 /* Builds the reply from the function's row: {"ok", "error", "<name>": result}
@@ -174,19 +187,15 @@ static void s_pump(sqlcmd_t *q)
     if (q->flight || !q->head || q->closing)
         return;
     int max = q->head->single ? 1 : q->opts.batch_max;
-    db_batch_t *b = db_batch_new(true);
     s_item_t *first = q->head, *last = NULL;
+    size_t len = 1;
     int n = 0;
     while (q->head && n < max && (n == 0 || !q->head->single)) {
         s_item_t *it = q->head;
         q->head = it->next;
-        const Linli__Envelope *env = it->req ? cmdsrv_req_envelope(it->req) : NULL;
-        const char *params[4] = { it->name,
-                                  env && env->idempotency_key ? env->idempotency_key : "",
-                                  it->args, it->ctx };
-        db_batch_add(b, q->sql, 4, params, s_on_row, it);
+        q->slots[n++] = it;
+        len += it->json_len + 1;
         last = it;
-        n++;
     }
     if (!q->head)
         q->tail = NULL;
@@ -194,6 +203,25 @@ static void s_pump(sqlcmd_t *q)
     q->queued -= n;
     q->flight = first;
     q->in_flight = n;
+
+    /* [cmd,cmd,...]: each command's JSON was built once, at submit */
+    if (len + 1 > q->buf_cap) {
+        q->buf_cap = len + 1 > 2 * q->buf_cap ? len + 1 : 2 * q->buf_cap;
+        q->buf = xrealloc(q->buf, q->buf_cap);
+    }
+    char *p = q->buf;
+    *p++ = '[';
+    for (int i = 0; i < n; i++) {
+        if (i)
+            *p++ = ',';
+        memcpy(p, q->slots[i]->json, q->slots[i]->json_len);
+        p += q->slots[i]->json_len;
+    }
+    *p++ = ']';
+    *p = '\0';
+    const char *params[1] = { q->buf };
+    db_batch_t *b = db_batch_new(true);
+    db_batch_add(b, q->sql, 1, params, s_on_rows, q);
     db_batch_submit(q->db, &b, s_on_done, q);
 }
 
@@ -220,9 +248,9 @@ sqlcmd_t *sqlcmd_new(cmdsrv_t *srv, db_t *db, const sqlcmd_opts_t *opts)
     q->opts = *opts;
     if (q->opts.queue_max < q->opts.batch_max)
         q->opts.queue_max = q->opts.batch_max * 64;
-    q->sql = xasprintf("SELECT code, message, result::text FROM %s.exec($1, $2, $3::jsonb, "
-                       "$4::jsonb)",
+    q->sql = xasprintf("SELECT i, code, message, result FROM %s.exec_batch($1::jsonb)",
                        opts->schema);
+    q->slots = xcalloc((size_t)q->opts.batch_max, sizeof *q->slots);
     return q;
 }
 
@@ -253,6 +281,8 @@ void sqlcmd_destroy(sqlcmd_t **q_p)
      * touch freed memory, so answer it here and let the db drop it. */
     s_answer_all(q, q->flight);
     free(q->sql);
+    free(q->slots);
+    free(q->buf);
     free(q);
     *q_p = NULL;
 }
@@ -273,19 +303,25 @@ void sqlcmd_submit(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name, json_t *
     s_item_t *it = xcalloc(1, sizeof *it);
     it->req = req;
     it->name = xstrdup(name);
-    it->args = json_dumps(args, JSON_COMPACT);
-    json_decref(args);
     json_t *ctx = json_pack("{s:I, s:s, s:s}", "now", (json_int_t)now_ms(), "trace_id",
                             env && env->trace_id ? env->trace_id : "", "source",
                             env && env->source ? env->source : "internal");
-    /* json_pack refuses strings that are not UTF-8; then ctx is NULL. */
-    it->ctx = ctx ? json_dumps(ctx, JSON_COMPACT) : NULL;
-    json_decref(ctx);
-    if (!it->args || !it->ctx) {
+    /* json_pack refuses strings that are not UTF-8 (a key, a trace id):
+     * then cmd is NULL. It steals args and ctx either way. */
+    json_t *cmd = ctx ? json_pack("{s:s, s:s, s:o, s:o}", "n", name, "k",
+                                  env && env->idempotency_key ? env->idempotency_key : "", "a",
+                                  args, "c", ctx)
+                      : NULL;
+    if (!ctx)
+        json_decref(args);
+    it->json = cmd ? json_dumps(cmd, JSON_COMPACT) : NULL;
+    json_decref(cmd);
+    if (!it->json) {
         s_answer(q, it, envelope_error_reply("invalid_argument", "arguments cannot be encoded"));
         s_item_free(it);
         return;
     }
+    it->json_len = strlen(it->json);
     if (q->tail)
         q->tail->next = it;
     else

@@ -1,13 +1,14 @@
 /* Batching command executor for services whose commands are PL/pgSQL
- * functions. Each command becomes one call of
- *     <schema>.exec(name, idempotency_key, args jsonb, ctx jsonb)
- *       -> (code, message, result jsonb)
- * and while one batch is in the database the next accumulates, so under load
- * hundreds of commands share one pipelined transaction and one commit:
- * throughput comes from batching, and each reply is still sent only after
- * its change is durable. The function stores its reply under the
- * idempotency key in the same transaction, so a retried command gets the
- * first reply, even after a restart.
+ * functions. While one batch is in the database the next accumulates, and
+ * the whole batch goes as one statement in one transaction:
+ *     SELECT i, code, message, result FROM <schema>.exec_batch($1::jsonb)
+ * with $1 = [{"n": name, "k": idempotency key, "a": args, "c": ctx}, ...]
+ * and one row back per command (i = its position). Under load hundreds of
+ * commands share one statement and one commit: throughput comes from
+ * batching, and each reply is still sent only after its change is durable.
+ * The schema's function stores each reply under its idempotency key in the
+ * same transaction, so a retried command gets the first reply, even after a
+ * restart. ctx is {"now": ms, "trace_id", "source"}.
  *
  * If a batch fails as a whole (an unexpected error in one command aborts the
  * transaction), its commands are run again one per transaction, so only the

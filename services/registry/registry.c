@@ -107,6 +107,7 @@ static json_t *s_scan_args(registry_t *r, const Linli__Scan *scan, int64_t now,
     token_verdict_t v = token_verify(scan->token, strlen(scan->token), r->secret, r->secret_len,
                                      at, &c);
     json_t *a = pbjson_from_message(&scan->base);
+    json_object_del(a, "token");  /* its verdict and claims stand for it */
     json_object_set_new(a, "scanned_at", json_integer(at));
     json_object_set_new(a, "verdict", json_string(token_verdict_name(v)));
     if (v == TOKEN_OK || v == TOKEN_EXPIRED) {
