@@ -32,7 +32,7 @@ PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 CMOCKA_LIBS := $(shell pkg-config --libs cmocka 2>/dev/null)
 
-VERSION := $(shell cat VERSION 2>/dev/null || echo 0.1.0)
+VERSION := 0.1.0
 WARN = -Wall -Wextra -Werror -Wmissing-prototypes -Wstrict-prototypes -Wvla \
        -Wwrite-strings -Wno-missing-field-initializers
 CFLAGS ?= -O2 -g
@@ -136,10 +136,13 @@ run:
 test:
 	@scripts/test
 
+version:
+	@echo $(VERSION)
+
 clean:
 	rm -rf build build-san build-fuzz bin bin-san
 
-.PHONY: all tests bench-tools fuzz run test clean
+.PHONY: all tests bench-tools fuzz run test clean version
 .PRECIOUS: $(BUILD)/gen/%.pb-c.c $(BUILD)/gen/%.pb-c.h $(BUILD)/obj/%.o
 
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
