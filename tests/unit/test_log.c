@@ -17,41 +17,7 @@
 
 #include <cmocka.h>
 
-/* ---- stderr capture ---- */
-
-static int s_saved_stderr = -1;
-static FILE *s_capture;
-
-static void s_capture_begin(void)
-{
-    fflush(stderr);
-    s_capture = tmpfile();
-    assert_non_null(s_capture);
-    s_saved_stderr = dup(STDERR_FILENO);
-    assert_true(s_saved_stderr >= 0);
-    assert_true(dup2(fileno(s_capture), STDERR_FILENO) >= 0);
-}
-
-/* Restores stderr and returns what was written (caller frees); NULL when
- * nothing was being captured. Safe to call twice. */
-static char *s_capture_end(void)
-{
-    if (s_saved_stderr < 0)
-        return NULL;
-    fflush(stderr);
-    dup2(s_saved_stderr, STDERR_FILENO);
-    close(s_saved_stderr);
-    s_saved_stderr = -1;
-    long n = ftell(s_capture);
-    char *text = malloc(n > 0 ? (size_t)n + 1 : 1);
-    assert_non_null(text);
-    rewind(s_capture);
-    size_t got = n > 0 ? fread(text, 1, (size_t)n, s_capture) : 0;
-    text[got] = '\0';
-    fclose(s_capture);
-    s_capture = NULL;
-    return text;
-}
+#include "capture.h"
 
 static size_t s_count_lines(const char *text)
 {
