@@ -11,30 +11,26 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define S_CLAIM_LIMIT 2000       /* rows per claim */
+#define S_READ_LIMIT 2000        /* rows per read */
 #define S_REPLAY_MAX 1000        /* events per replay reply */
 
 struct outbox {
     struct event_base *base;
-    db_t *db;                    /* claims and replays */
+    db_t *db;                    /* reads and replays */
     PGconn *listen;              /* LISTEN connection, NULL while down */
     struct event *listen_ev;     /* read watch on listen's socket */
     struct event *tick;          /* 1 s: poll, heartbeat, reconnect */
     bus_sock_t *pub;             /* borrowed */
     char *conninfo, *schema, *stream, *source;
-    char *claim_sql, *replay_sql, *state_sql;
-    bool claiming;               /* a claim is in the database */
-    bool again;                  /* kicked while claiming */
-    Linli__Envelope **claimed;   /* the claim's rows, published once it commits */
-    size_t nclaimed;
-    bool state_read;             /* the claim batch read the stream row, */
-    uint64_t state_epoch, state_seq; /* which held this epoch and last_seq */
-    uint64_t epoch, last_seq;
+    char *replay_sql, *state_sql;
+    bool reading;                /* a read is in the database */
+    bool again;                  /* kicked while reading */
+    uint64_t epoch, last_seq;    /* the newest event published */
     unsigned long long published;
 };
 
 /* Builds the event envelope for one outbox row (columns as returned by
- * outbox_claim/outbox_replay). An event type this build does not know is
+ * outbox_replay). An event type this build does not know is
  * sent with an empty Event, so subscribers still advance past it. Caller
  * frees with protobuf_c_message_free_unpacked. */
 static Linli__Envelope *s_row_envelope(const outbox_t *o, const PGresult *res, int row)
@@ -83,90 +79,73 @@ static void s_publish(outbox_t *o, const Linli__Envelope *e)
     free(buf);
 }
 
-static void s_claim(outbox_t *o);
+static void s_read(outbox_t *o);
 
-static void s_on_claim_state(const PGresult *res, void *arg)
-{
-    outbox_t *o = arg;
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1)
-        return;
-    o->state_read = true;
-    o->state_epoch = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
-    o->state_seq = strtoull(PQgetvalue(res, 0, 1), NULL, 10);
-}
-
-/* Rows arrive before the server has committed (and the COMMIT may still
- * fail), so they are only kept here and published by s_on_claim_done. */
-static void s_on_claimed(const PGresult *res, void *arg)
+/* Rows come from committed transactions only, and never past a number
+ * whose lower numbers are not visible yet (see the outbox table), so they
+ * go out as they arrive. */
+static void s_on_read(const PGresult *res, void *arg)
 {
     outbox_t *o = arg;
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK)
         return;
     int n = PQntuples(res);
-    o->claimed = xcalloc((size_t)n + 1, sizeof *o->claimed);
-    for (int i = 0; i < n; i++)
-        o->claimed[o->nclaimed++] = s_row_envelope(o, res, i);
-    if (n == S_CLAIM_LIMIT)
-        o->again = true;
-}
-
-static void s_on_claim_done(int status, const char *errmsg, void *arg)
-{
-    outbox_t *o = arg;
-    o->claiming = false;
-    if (status == 0 && o->state_read) {
-        /* Numbers given by a claim whose result never reached us (lost
-         * connection after COMMIT, another claimer) are not published
-         * live; the heartbeat must still show them so subscribers replay. */
-        if (o->state_epoch != o->epoch || o->state_seq > o->last_seq) {
-            o->epoch = o->state_epoch;
-            o->last_seq = o->state_seq;
-        }
-    }
-    for (size_t i = 0; i < o->nclaimed; i++) {
-        Linli__Envelope *e = o->claimed[i];
-        if (status == 0) {
-            s_publish(o, e);
+    for (int i = 0; i < n; i++) {
+        Linli__Envelope *e = s_row_envelope(o, res, i);
+        if (e->epoch != o->epoch) {
+            /* History restarted (a new stream row): start over from its
+             * first event; subscribers see the epoch change and reset. */
+            log_warn("outbox", "stream epoch changed old=%" PRIu64 " new=%" PRIu64, o->epoch,
+                     e->epoch);
             o->epoch = e->epoch;
+            o->last_seq = 0;
+            o->again = true;
+            protobuf_c_message_free_unpacked(&e->base, NULL);
+            break;
+        }
+        if (e->sequence == o->last_seq + 1) {
+            s_publish(o, e);
             o->last_seq = e->sequence;
             o->published++;
         }
         protobuf_c_message_free_unpacked(&e->base, NULL);
     }
-    free(o->claimed);
-    o->claimed = NULL;
-    o->nclaimed = 0;
-    o->state_read = false;
+    if (n == S_READ_LIMIT)
+        o->again = true;
+}
+
+static void s_on_read_done(int status, const char *errmsg, void *arg)
+{
+    outbox_t *o = arg;
+    o->reading = false;
     if (status != 0) {
-        log_warn("outbox", "claim failed err=%s", errmsg ? errmsg : "?");
+        log_warn("outbox", "read failed err=%s", errmsg ? errmsg : "?");
         return; /* the tick retries */
     }
     if (o->again)
-        s_claim(o);
+        s_read(o);
 }
 
-static void s_claim(outbox_t *o)
+static void s_read(outbox_t *o)
 {
-    if (o->claiming) {
+    if (o->reading) {
         o->again = true;
         return;
     }
-    o->claiming = true;
+    o->reading = true;
     o->again = false;
-    char limit[16];
-    snprintf(limit, sizeof limit, "%d", S_CLAIM_LIMIT);
-    const char *params[2] = { o->stream, limit };
-    /* In a transaction, so that a failing COMMIT fails the batch and the
-     * rows kept from it are dropped unpublished. */
-    db_batch_t *b = db_batch_new(true);
-    db_batch_add(b, o->state_sql, 1, params, s_on_claim_state, o);
-    db_batch_add(b, o->claim_sql, 2, params, s_on_claimed, o);
-    db_batch_submit(o->db, &b, s_on_claim_done, o);
+    char after[24], limit[16];
+    snprintf(after, sizeof after, "%" PRIu64, o->last_seq);
+    snprintf(limit, sizeof limit, "%d", S_READ_LIMIT);
+    const char *params[3] = { o->stream, after, limit };
+    db_batch_t *b = db_batch_new(false);
+    db_batch_add(b, o->replay_sql, 3, params, s_on_read, o);
+    db_batch_submit(o->db, &b, s_on_read_done, o);
 }
 
 void outbox_kick(outbox_t *o)
 {
-    s_claim(o);
+    s_read(o);
 }
 
 /* ---- LISTEN connection ---- */
@@ -198,7 +177,7 @@ static void s_on_notify(evutil_socket_t fd, short what, void *arg)
         got = 1;
     }
     if (got)
-        s_claim(o);
+        s_read(o);
 }
 
 static int s_listen_open(outbox_t *o)
@@ -261,6 +240,25 @@ static void s_heartbeat(outbox_t *o)
     s_publish(o, &e);
 }
 
+/* A history restart (new epoch, numbers from 1 again) shows no row past
+ * last_seq until the new history grows past it, so the epoch is checked
+ * on every tick as well. Batches complete in order, so a read sent before
+ * this check has already been handled, and one sent with the old position
+ * after it publishes nothing (its numbers do not follow 0). */
+static void s_on_tick_state(const PGresult *res, void *arg)
+{
+    outbox_t *o = arg;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1)
+        return;
+    uint64_t epoch = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
+    if (epoch == o->epoch)
+        return;
+    log_warn("outbox", "stream epoch changed old=%" PRIu64 " new=%" PRIu64, o->epoch, epoch);
+    o->epoch = epoch;
+    o->last_seq = 0;
+    s_read(o);
+}
+
 static void s_on_tick(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
@@ -268,7 +266,11 @@ static void s_on_tick(evutil_socket_t fd, short what, void *arg)
     outbox_t *o = arg;
     if (!o->listen)
         s_listen_open(o);
-    s_claim(o);
+    s_read(o);
+    const char *params[1] = { o->stream };
+    db_batch_t *b = db_batch_new(false);
+    db_batch_add(b, o->state_sql, 1, params, s_on_tick_state, o);
+    db_batch_submit(o->db, &b, NULL, NULL);
     s_heartbeat(o);
 }
 
@@ -373,21 +375,16 @@ outbox_t *outbox_new(struct event_base *base, const char *conninfo, const char *
     o->stream = xstrdup(stream);
     o->source = xstrdup(source);
     /* schema is the service's own constant name, not input. */
-    o->claim_sql = xasprintf("SELECT seq, epoch, event_id, type, community_id, trace_id, "
-                             "occurred_at, payload FROM %s.outbox_claim($1, $2::int)",
-                             schema);
     o->replay_sql = xasprintf("SELECT seq, epoch, event_id, type, community_id, trace_id, "
                               "occurred_at, payload FROM %s.outbox_replay($1, $2::bigint, $3::int)",
                               schema);
-    o->state_sql = xasprintf("SELECT epoch, last_seq FROM %s.outbox_stream WHERE stream = $1",
-                             schema);
+    o->state_sql = xasprintf("SELECT epoch, last_seq FROM %s.outbox_state($1)", schema);
     o->db = db_new(base, conninfo);
     if (!o->db || s_listen_open(o) != 0)
         goto fail;
     o->tick = event_new(base, -1, EV_PERSIST, s_on_tick, o);
     struct timeval tv = { 1, 0 };
     event_add(o->tick, &tv);
-    s_claim(o);
     return o;
 fail:
     outbox_destroy(&o);
@@ -407,7 +404,6 @@ void outbox_destroy(outbox_t **o_p)
     free(o->schema);
     free(o->stream);
     free(o->source);
-    free(o->claim_sql);
     free(o->replay_sql);
     free(o->state_sql);
     free(o);

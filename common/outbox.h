@@ -1,18 +1,21 @@
 /* Outbox relay and replay endpoint.
  *
  * A service writes its state change and its event rows into <schema>.outbox
- * in one transaction. The relay claims committed rows in id order, giving
- * them the stream's next sequence numbers in the same statement
- * (<schema>.outbox_claim), and only then publishes them on the PUB socket as
- * [stream][Envelope] — so events go out only after commit, gap-free and in
- * the order they were numbered. It wakes on LISTEN/NOTIFY, on outbox_kick()
- * from the service after a commit, and on a one-second timer (the fallback
- * when a notification is lost), which also publishes a Heartbeat with the
- * newest sequence so subscribers notice a lost tail.
+ * in one transaction, numbering the events as it writes them under the
+ * stream row's lock, so numbers are gap-free and transactions commit in
+ * number order (see the registry's 001_schema.sql). The relay reads what is
+ * past the last number it published (<schema>.outbox_replay) and publishes
+ * it on the PUB socket as [stream][Envelope]: only committed events, in
+ * order. It wakes on LISTEN/NOTIFY, on outbox_kick() from the service after
+ * a commit, and on a one-second timer (the fallback when a notification is
+ * lost), which also publishes a Heartbeat with the newest number so
+ * subscribers notice a lost tail. At start it takes the newest committed
+ * number as published: subscribers replay anything older they lack.
  *
  * Replay answers a Replay command from the table (<schema>.outbox_replay),
  * so a subscriber that starts late, restarts or drops messages catches up
- * from its last applied position. */
+ * from its last applied position. <schema>.outbox_state(stream) gives the
+ * epoch and newest number. */
 #ifndef LINLI_OUTBOX_H
 #define LINLI_OUTBOX_H
 
@@ -24,7 +27,7 @@
 
 typedef struct outbox outbox_t;
 
-/* Opens two connections to conninfo (one for claims and replays, one that
+/* Opens two connections to conninfo (one for reads and replays, one that
  * LISTENs on "<schema>_outbox") and publishes on pub (borrowed). source names
  * the producer in envelopes. Returns NULL (logged) on failure. */
 outbox_t *outbox_new(struct event_base *base, const char *conninfo, const char *schema,
@@ -32,7 +35,7 @@ outbox_t *outbox_new(struct event_base *base, const char *conninfo, const char *
 /* Accepts NULL; NULLs *o_p. */
 void outbox_destroy(outbox_t **o_p);
 
-/* Claim and publish now (cheap when called often: runs are coalesced). */
+/* Read and publish now (cheap when called often: runs are coalesced). */
 void outbox_kick(outbox_t *o);
 
 /* Answers req, whose command is a Replay, with a ReplayResult. Takes *req_p. */

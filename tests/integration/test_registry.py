@@ -322,8 +322,10 @@ def test_events_published_in_order_with_replay(s):
     c = s.client()
     setup_festival(c)
     n = int(s.sql("SELECT count(*) FROM registry.outbox"))
-    wait_for(lambda: s.sql("SELECT count(*) FROM registry.outbox WHERE seq IS NULL") == "0",
-             what="relay claimed every row")
+    def published():
+        _, body = linli.http_get(s.http["registry"], "/metrics")
+        return "\nlinli_registry_events_published_total %d\n" % n in "\n" + body
+    wait_for(published, what="relay published every event")
     r = c.call("replay", {"stream": "registry", "after_sequence": 0, "limit": 1000})
     events = r["replay"]["events"]
     assert [int(e["sequence"]) for e in events] == list(range(1, n + 1))

@@ -140,19 +140,19 @@ $$;
 -- ---------------------------------------------------------------- reading
 
 CREATE FUNCTION t.eid() RETURNS bigint
-LANGUAGE sql AS $$ SELECT coalesce(max(id), 0) FROM registry.outbox $$;
+LANGUAGE sql AS $$ SELECT coalesce(max(seq), 0) FROM registry.outbox $$;
 
--- event types written after outbox id p_since, in order
+-- event types written after outbox number p_since, in order
 CREATE FUNCTION t.events(p_since bigint) RETURNS text[]
 LANGUAGE sql AS $$
-    SELECT coalesce(array_agg(type ORDER BY id), '{}') FROM registry.outbox WHERE id > p_since
+    SELECT coalesce(array_agg(type ORDER BY seq), '{}') FROM registry.outbox WHERE seq > p_since
 $$;
 
 -- payload of the n-th event of a type written after p_since
 CREATE FUNCTION t.payload(p_since bigint, p_type text, p_n integer DEFAULT 1) RETURNS jsonb
 LANGUAGE sql AS $$
-    SELECT payload FROM registry.outbox WHERE id > p_since AND type = p_type
-     ORDER BY id OFFSET p_n - 1 LIMIT 1
+    SELECT payload FROM registry.outbox WHERE seq > p_since AND type = p_type
+     ORDER BY seq OFFSET p_n - 1 LIMIT 1
 $$;
 
 CREATE FUNCTION t.taken(p_activity bigint) RETURNS integer
@@ -271,14 +271,14 @@ BEGIN
                     FROM registry.communities WHERE id = c),
                  'Sunflower Lane|Xuhui|Shanghai|' || t.at(0), 'create_community: row stored');
     PERFORM t.eq(t.events(e), ARRAY['community_created'], 'create_community: one community_created event');
-    SELECT * INTO o FROM registry.outbox WHERE id > e;
+    SELECT * INTO o FROM registry.outbox WHERE seq > e;
     PERFORM t.ok(o.payload @> jsonb_build_object('id', c, 'name', 'Sunflower Lane',
                                                   'district', 'Xuhui', 'city', 'Shanghai'),
                  'create_community: event payload');
     PERFORM t.eq(o.community_id, c, 'create_community: event community_id');
     PERFORM t.eq(o.occurred_at, t.at(0), 'create_community: event occurred_at = ctx.now');
     PERFORM t.eq(o.trace_id, 'trace-create_community', 'create_community: event carries ctx.trace_id');
-    PERFORM t.ok(o.seq IS NULL AND o.published_at IS NULL, 'create_community: event not yet claimed');
+    PERFORM t.eq(o.seq, e + 1, 'create_community: event numbered next in the stream');
 
     -- district and city are optional; a 128-byte (multibyte) name is fine
     r := t.run('create_community', jsonb_build_object('name', repeat('邻', 42) || 'xx'), t.at(0));
@@ -342,7 +342,7 @@ BEGIN
                  'register_person: event payload');
     PERFORM t.ok(position('Zhang' IN pl::text) = 0 AND position('138' IN pl::text) = 0,
                  'register_person: event carries neither name nor phone');
-    PERFORM t.eq((SELECT community_id FROM registry.outbox WHERE id > e), t.id('C1'),
+    PERFORM t.eq((SELECT community_id FROM registry.outbox WHERE seq > e), t.id('C1'),
                  'register_person: event community_id');
 
     -- roles: absent, empty, by number
@@ -811,7 +811,7 @@ BEGIN
                  'D: nobody of the group confirmed');
     PERFORM t.eq(t.taken(a), 1, 'D: waiting group takes no seat');
     PERFORM t.eq(t.events(e), ARRAY['signed_up', 'signed_up', 'signed_up'], 'D: one event per member');
-    PERFORM t.eq((SELECT count(*) FROM registry.outbox WHERE id > e AND payload ->> 'status' = 'waitlisted'),
+    PERFORM t.eq((SELECT count(*) FROM registry.outbox WHERE seq > e AND payload ->> 'status' = 'waitlisted'),
                  3::bigint, 'D: events say waitlisted');
     -- somebody later does not jump the queue, even though a seat is free
     PERFORM t.err('sign_up', jsonb_build_object('activity_id', a, 'person_ids', t.pids('P5')), n,
@@ -984,7 +984,7 @@ BEGIN
                  'S: offer_closed expired payload');
     PERFORM t.ok(t.payload(e, 'offer_made') @> jsonb_build_object('offer_id', o2, 'person_id', t.id('P3')),
                  'S: offer_made to P3 payload');
-    PERFORM t.eq((SELECT min(trace_id) || max(trace_id) FROM registry.outbox WHERE id > e),
+    PERFORM t.eq((SELECT min(trace_id) || max(trace_id) FROM registry.outbox WHERE seq > e),
                  'trace-sweeptrace-sweep', 'S: sweep events carry the trace id');
     PERFORM t.seats(a, 'S after sweep');
     PERFORM t.err('respond_offer', jsonb_build_object('offer_id', o1, 'accept', true), x.made_at,
@@ -1113,7 +1113,7 @@ BEGIN
     PERFORM t.ok(t.payload(e, 'checked_in') @> jsonb_build_object(
                      'checkin_id', c, 'activity_id', k, 'person_id', t.id('P1'), 'community_id', t.id('C1'),
                      'at', ts, 'device_id', 'gate-1'), 'K: checked_in payload');
-    PERFORM t.eq((SELECT occurred_at FROM registry.outbox WHERE id > e), ts, 'K: event occurred at the scan time');
+    PERFORM t.eq((SELECT occurred_at FROM registry.outbox WHERE seq > e), ts, 'K: event occurred at the scan time');
 
     -- the same nonce again (a retry, even garbled): the first reply, nothing written
     fp := t.fp();
@@ -1239,7 +1239,7 @@ BEGIN
     PERFORM t.ok((SELECT payload @> jsonb_build_object('checkin_id', t.id('K.c1'), 'activity_id', k,
                                                        'person_id', t.id('P1'), 'community_id', t.id('C1'),
                                                        'at', t.at(20) + t.hours(1), 'automatic', false)
-                    FROM registry.outbox WHERE type = 'checked_out' ORDER BY id DESC LIMIT 1),
+                    FROM registry.outbox WHERE type = 'checked_out' ORDER BY seq DESC LIMIT 1),
                  'K: checked_out payload');
     PERFORM t.ok((SELECT exit AND accepted FROM registry.scans WHERE device_id = 'gate-2' AND counter = 1),
                  'K: exit scans row');
@@ -1321,9 +1321,9 @@ BEGIN
     PERFORM t.eq(t.events(e), array_fill('checked_out'::text, ARRAY[due::int]), 'K: one checked_out per person');
     PERFORM t.ok((SELECT payload @> jsonb_build_object('checkin_id', t.id('K.c2'), 'activity_id', k,
                                                        'person_id', t.id('P1'), 'at', auto, 'automatic', true)
-                    FROM registry.outbox WHERE id > e AND (payload ->> 'checkin_id')::bigint = t.id('K.c2')),
+                    FROM registry.outbox WHERE seq > e AND (payload ->> 'checkin_id')::bigint = t.id('K.c2')),
                  'K: checked_out payload flagged automatic');
-    PERFORM t.eq((SELECT count(*) FROM registry.outbox WHERE id > e AND payload @> '{"automatic": true}'), due,
+    PERFORM t.eq((SELECT count(*) FROM registry.outbox WHERE seq > e AND payload @> '{"automatic": true}'), due,
                  'K: all automatic');
     PERFORM t.ok(t.okr('get_activity', jsonb_build_object('activity_id', k), auto, 'K: get_activity')
                  @> '{"checked_in": 0}', 'K: get_activity checked_in 0');
@@ -1632,8 +1632,10 @@ BEGIN
         OR (p.phone <> '' AND position(p.phone IN o.payload::text) > 0);
     PERFORM t.eq(v_bad, 0::bigint, 'outbox: no payload carries a person''s name or phone');
     SELECT count(*) INTO v_bad FROM registry.outbox
-     WHERE trace_id NOT LIKE 'trace-%' OR stream <> 'registry' OR seq IS NOT NULL;
-    PERFORM t.eq(v_bad, 0::bigint, 'outbox: every event has the trace id, stream registry, no seq yet');
+     WHERE trace_id NOT LIKE 'trace-%' OR stream <> 'registry';
+    PERFORM t.eq(v_bad, 0::bigint, 'outbox: every event has the trace id and stream registry');
+    PERFORM t.eq((SELECT count(*) FROM registry.outbox), (SELECT max(seq) FROM registry.outbox),
+                 'outbox: numbers run 1..n without a gap');
     -- the event log and the tables tell the same story
     PERFORM t.eq((SELECT count(*) FROM registry.outbox WHERE type = 'community_created'),
                  (SELECT count(*) FROM registry.communities), 'outbox: one community_created per community');

@@ -255,30 +255,34 @@ CREATE TABLE registry.command_log (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- Events written in the same transaction as the change they describe; the
--- relay numbers them (seq) in the order it claims them and publishes them.
+-- Events written in the same transaction as the change they describe, each
+-- numbered as it is written (registry.s_emit): the first event of a
+-- transaction locks the stream row, so transactions that write events take
+-- turns and commit in the order of their numbers. A reader therefore never
+-- sees a number before the ones below it are visible, and the relay simply
+-- publishes whatever is past the last number it sent. An event's id is not
+-- stored: registry.outbox_replay derives it from (stream, epoch, seq), which
+-- names the event for good and costs nothing on the write path.
 CREATE TABLE registry.outbox (
-    id            bigserial   PRIMARY KEY,
-    event_id      uuid        NOT NULL DEFAULT gen_random_uuid(),
     stream        text        NOT NULL DEFAULT 'registry',
+    seq           bigint      NOT NULL,
     type          text        NOT NULL,
     community_id  bigint      NOT NULL DEFAULT 0,
     trace_id      text        NOT NULL DEFAULT '',
     occurred_at   bigint      NOT NULL,
     payload       jsonb       NOT NULL,
-    seq           bigint,
-    published_at  timestamptz,
-    CONSTRAINT outbox_stream_seq_key UNIQUE (stream, seq)
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream, seq)
 );
-CREATE INDEX outbox_unclaimed_idx ON registry.outbox (stream, id) WHERE seq IS NULL;
 
+-- One row per stream: its epoch (history restarts get a new one) and the
+-- lock that orders writers.
 CREATE TABLE registry.outbox_stream (
-    stream    text   PRIMARY KEY,
-    epoch     bigint NOT NULL,
-    last_seq  bigint NOT NULL DEFAULT 0
+    stream  text   PRIMARY KEY,
+    epoch   bigint NOT NULL
 );
-INSERT INTO registry.outbox_stream (stream, epoch, last_seq)
-VALUES ('registry', (extract(epoch FROM clock_timestamp()) * 1000)::bigint, 0);
+INSERT INTO registry.outbox_stream (stream, epoch)
+VALUES ('registry', (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
 
 -- Wakes the relay (LISTEN registry_outbox). Per statement, not per row, and
 -- notifications with the same payload fold into one per transaction.

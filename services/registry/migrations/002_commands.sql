@@ -142,14 +142,28 @@ $$;
 
 -- ------------------------------------------------------------ events
 
--- Appends one event to the outbox. type is the Event oneof member name,
--- payload has the event message's field names.
+-- Takes the stream's write turn for this transaction (see the outbox table)
+-- and returns the number of its newest event, this transaction's included.
+-- Cheap when the transaction holds the turn already. Relies on READ
+-- COMMITTED (the default): after waiting for the turn, max(seq) is read with
+-- a fresh snapshot that sees the previous holder's events.
+CREATE FUNCTION registry.s_outbox_turn() RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM registry.outbox_stream WHERE stream = 'registry' FOR UPDATE;
+    RETURN coalesce((SELECT max(seq) FROM registry.outbox WHERE stream = 'registry'), 0);
+END
+$$;
+
+-- Appends one event to the outbox with the stream's next number. type is
+-- the Event oneof member name, payload has the event message's field names.
 CREATE FUNCTION registry.s_emit(p_type text, p_community_id bigint, p_occurred_at bigint,
                                 p_payload jsonb, p_ctx jsonb) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO registry.outbox (type, community_id, trace_id, occurred_at, payload)
-    VALUES (p_type, p_community_id, coalesce(p_ctx ->> 'trace_id', ''), p_occurred_at, p_payload);
+    INSERT INTO registry.outbox (seq, type, community_id, trace_id, occurred_at, payload)
+    VALUES (registry.s_outbox_turn() + 1, p_type, p_community_id,
+            coalesce(p_ctx ->> 'trace_id', ''), p_occurred_at, p_payload);
 END
 $$;
 
@@ -1162,47 +1176,14 @@ $$;
 
 -- ------------------------------------------------------------ relay
 
--- Numbers up to p_limit unclaimed events of p_stream, in id order, with the
--- next sequence numbers (gap-free: the stream row lock makes claimers take
--- turns), marks them published and returns them in sequence order. Called
--- by the relay in its own transaction; it publishes after COMMIT.
-CREATE FUNCTION registry.outbox_claim(p_stream text, p_limit integer)
-RETURNS TABLE (seq bigint, epoch bigint, event_id uuid, type text, community_id bigint,
-               trace_id text, occurred_at bigint, payload text)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    v_epoch  bigint;
-    v_last   bigint;
-    v_n      bigint;
-BEGIN
-    SELECT s.epoch, s.last_seq INTO v_epoch, v_last
-      FROM registry.outbox_stream s WHERE s.stream = p_stream
-       FOR UPDATE;
-    IF NOT FOUND OR p_limit IS NULL OR p_limit <= 0 THEN
-        RETURN;
-    END IF;
-    RETURN QUERY
-    WITH picked AS (
-        SELECT o.id, row_number() OVER (ORDER BY o.id) AS rn
-          FROM (SELECT o2.id FROM registry.outbox o2
-                 WHERE o2.stream = p_stream AND o2.seq IS NULL
-                 ORDER BY o2.id LIMIT p_limit) o),
-    numbered AS (
-        UPDATE registry.outbox o
-           SET seq = v_last + p.rn, published_at = now()
-          FROM picked p
-         WHERE o.id = p.id
-        RETURNING o.seq, o.event_id, o.type, o.community_id, o.trace_id, o.occurred_at,
-                  o.payload)
-    SELECT n.seq, v_epoch, n.event_id, n.type, n.community_id, n.trace_id, n.occurred_at,
-           n.payload::text
-      FROM numbered n ORDER BY n.seq;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    IF v_n > 0 THEN
-        UPDATE registry.outbox_stream s SET last_seq = v_last + v_n WHERE s.stream = p_stream;
-    END IF;
-END
+-- The stream's epoch and the number of its newest committed event.
+CREATE FUNCTION registry.outbox_state(p_stream text)
+RETURNS TABLE (epoch bigint, last_seq bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT s.epoch, coalesce((SELECT max(o.seq) FROM registry.outbox o
+                               WHERE o.stream = s.stream), 0)
+      FROM registry.outbox_stream s
+     WHERE s.stream = p_stream
 $$;
 
 -- Events of p_stream after sequence p_after, for subscribers catching up.
@@ -1210,8 +1191,8 @@ CREATE FUNCTION registry.outbox_replay(p_stream text, p_after bigint, p_limit in
 RETURNS TABLE (seq bigint, epoch bigint, event_id uuid, type text, community_id bigint,
                trace_id text, occurred_at bigint, payload text)
 LANGUAGE sql STABLE AS $$
-    SELECT o.seq, s.epoch, o.event_id, o.type, o.community_id, o.trace_id, o.occurred_at,
-           o.payload::text
+    SELECT o.seq, s.epoch, md5(s.stream || ':' || s.epoch || ':' || o.seq)::uuid,
+           o.type, o.community_id, o.trace_id, o.occurred_at, o.payload::text
       FROM registry.outbox_stream s
       JOIN registry.outbox o ON o.stream = s.stream
      WHERE s.stream = p_stream AND o.seq > p_after

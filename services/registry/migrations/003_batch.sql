@@ -12,10 +12,11 @@
 -- activity token, with one set-based statement instead of one function call
 -- per scan. Everything else (exit scans, stations, refused tokens, retries,
 -- malformed arguments, and any two scans of the run that touch the same
--- person and subject, nonce or idempotency key) goes through registry.exec
--- one by one after that statement. A scan of the fast set shares no row with
--- any other command of the run, so the replies are those of running the run
--- in order.
+-- person, nonce or idempotency key) goes through registry.exec one by one
+-- after that statement. A scan of the fast set shares no row with any other
+-- command of the run, so the replies are those of running the run in order;
+-- and it is the only scan of its person in the run, so each person's events
+-- keep the order of the commands.
 
 -- Runs p_cmds in order; see the header of this file. Like registry.exec
 -- (see below) its plans always use the indexes.
@@ -84,16 +85,18 @@ END
 $$;
 
 -- The scan commands p_cmds[p_from .. p_to - 1] (0-based), one row each. The fast set: well-formed entry scans of a valid activity
--- token whose person and activity, nonce and idempotency key appear once in
--- the run and were never seen before. They are decided, recorded (check-in,
--- scan row, event, idempotency record) and answered here exactly as
+-- token whose person, nonce and idempotency key appear once in the run and
+-- were never seen before. They are decided, recorded (check-in, scan row,
+-- event, idempotency record) and answered here exactly as
 -- registry.cmd_scan would; every other scan gets a row with a NULL code, for
 -- the caller to run through registry.exec after this statement.
 --
--- The arguments are read with jsonb_to_record, which raises on a value of
--- the wrong JSON type; the daemon builds them from protobuf, so that cannot
--- happen, and if it did the daemon would rerun the batch one command at a
--- time through registry.exec, which answers invalid_argument.
+-- The arguments are read with jsonb_to_record, and only a row whose values
+-- have the JSON types registry.exec accepts can be fast. The daemon builds
+-- them from protobuf, so a value jsonb_to_record cannot read (a number past
+-- bigint in a bigint field) never comes; if one did, the statement would
+-- raise and the daemon would rerun the batch one command at a time through
+-- registry.exec, which answers invalid_argument.
 CREATE FUNCTION registry.s_scan_run(p_cmds jsonb, p_from integer, p_to integer)
 RETURNS TABLE (i integer, code text, message text, result text)
 LANGUAGE plpgsql
@@ -115,24 +118,40 @@ BEGIN
                coalesce(a.subject_id, 0) AS subject, coalesce(a.community_id, 0) AS community,
                coalesce(a.person_id, 0) AS person, coalesce(a.device_id, '') AS device,
                CASE WHEN a.counter IS NULL THEN 0
+                    WHEN a.counter < 0 OR a.counter > 18446744073709551615
+                         OR a.counter <> trunc(a.counter) THEN NULL
                     WHEN a.counter > 9223372036854775807
                         THEN (a.counter - 18446744073709551616)::bigint
                     ELSE a.counter::bigint
                END AS counter,
                coalesce(a.scanned_at, 0) AS at, coalesce(a.expected_id, 0) AS expected,
-               a.direction, a.counter AS counter_raw
+               -- the JSON types registry.exec accepts (jsonb_to_record would
+               -- also take "5" for a number): anything else is left to it
+               coalesce(jsonb_typeof(t.a -> 'subject_id') = 'number', true)
+                 AND coalesce(jsonb_typeof(t.a -> 'community_id') = 'number', true)
+                 AND coalesce(jsonb_typeof(t.a -> 'person_id') = 'number', true)
+                 AND coalesce(jsonb_typeof(t.a -> 'scanned_at') = 'number', true)
+                 AND coalesce(jsonb_typeof(t.a -> 'expected_id') = 'number', true)
+                 AND coalesce(jsonb_typeof(t.a -> 'device_id') = 'string', true)
+                 AND (jsonb_typeof(t.a -> 'counter') IS DISTINCT FROM 'string'
+                      OR t.a ->> 'counter' ~ '^[0-9]{1,20}$')
+                 AND (t.a -> 'direction' IS NULL
+                      OR t.a -> 'direction' IN ('null', '"DIRECTION_ENTRY"', '0')) AS canon
           FROM ROWS FROM (jsonb_to_recordset(p_cmds) AS (n text, k text, a jsonb, c jsonb))
                WITH ORDINALITY AS t (n, k, a, c, ord)
          CROSS JOIN LATERAL jsonb_to_record(CASE WHEN jsonb_typeof(t.a) = 'object'
                                                  THEN t.a ELSE '{}' END)
                AS a (verdict text, kind text, subject_id bigint, community_id bigint,
                      person_id bigint, device_id text, counter numeric, scanned_at bigint,
-                     expected_id bigint, direction text)
+                     expected_id bigint)
          WHERE t.ord > p_from AND t.ord <= p_to
     ), counted AS (
         -- over the whole run: a fast row shares nothing with any other row
         SELECT p.*,
-               count(*) OVER (PARTITION BY p.subject, p.person) AS n_pair,
+               -- per person, not per (subject, person): a fast row's events
+               -- are written before the slow rows', and must not overtake
+               -- an earlier scan of the same person at another subject
+               count(*) OVER (PARTITION BY p.person) AS n_pair,
                count(*) OVER (PARTITION BY p.device, p.counter) AS n_nonce,
                count(*) OVER (PARTITION BY p.key) AS n_key
           FROM parsed p
@@ -140,10 +159,9 @@ BEGIN
         SELECT f.*,
                coalesce(f.is_obj AND f.verdict = 'ok' AND f.kind = 'a' AND f.subject > 0
                  AND f.person > 0 AND f.at >= 0
-                 AND f.counter_raw >= 0 AND f.counter_raw <= 18446744073709551615
-                 AND f.counter_raw = trunc(f.counter_raw)
+                 AND f.counter IS NOT NULL
                  AND (f.expected = 0 OR f.expected = f.subject)
-                 AND (f.direction IS NULL OR f.direction IN ('DIRECTION_ENTRY', '0'))
+                 AND f.canon
                  AND octet_length(f.device) <= 64 AND octet_length(f.key) <= 256
                  AND f.n_pair = 1 AND (f.device = '' OR f.n_nonce = 1)
                  AND (f.key = '' OR f.n_key = 1), false) AS is_fast
@@ -201,9 +219,12 @@ BEGIN
         OVERRIDING SYSTEM VALUE
         SELECT x.checkin_id, x.comm, x.subject, x.person, x.device, x.at_ms, x.auto
           FROM res x WHERE x.reason = ''
+    ), turn AS (
+        SELECT registry.s_outbox_turn() AS last_seq
     ), ins_event AS (
-        INSERT INTO registry.outbox (type, community_id, trace_id, occurred_at, payload)
-        SELECT CASE WHEN x.reason = '' THEN 'checked_in' ELSE 'scan_refused' END,
+        INSERT INTO registry.outbox (seq, type, community_id, trace_id, occurred_at, payload)
+        SELECT t.last_seq + row_number() OVER (ORDER BY x.i),
+               CASE WHEN x.reason = '' THEN 'checked_in' ELSE 'scan_refused' END,
                x.comm, coalesce(x.ctx ->> 'trace_id', ''), x.at_ms,
                CASE WHEN x.reason = '' THEN
                         jsonb_build_object('checkin_id', x.checkin_id, 'activity_id', x.subject,
@@ -214,7 +235,7 @@ BEGIN
                                            'community_id', x.comm, 'reason', x.reason,
                                            'at', x.at_ms)
                END
-          FROM res x ORDER BY x.i
+          FROM res x CROSS JOIN turn t
     ), ins_scan AS (
         INSERT INTO registry.scans (device_id, counter, person_id, kind, subject_id, community_id,
                                     exit, expected_id, verdict, scanned_at, received_at,
