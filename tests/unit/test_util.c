@@ -1,0 +1,114 @@
+/* Unit tests for common/util.c: UUIDs (form, version, uniqueness across the
+ * per-thread pool's refills and across threads), UUID validation, string
+ * helpers and clocks. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <pthread.h>
+
+#include "util.h"
+
+#define S_MANY 5000 /* ids per thread: many refills of the 256-id pool */
+
+static int s_cmp(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void s_fill(char **ids, int n)
+{
+    for (int i = 0; i < n; i++) {
+        ids[i] = xmalloc(37);
+        uuid_new(ids[i]);
+    }
+}
+
+static void *s_thread(void *arg)
+{
+    s_fill(arg, S_MANY);
+    return NULL;
+}
+
+static void test_uuid_form(void **state)
+{
+    (void)state;
+    for (int i = 0; i < 1000; i++) {
+        char id[37];
+        uuid_new(id);
+        assert_int_equal(strlen(id), 36);
+        assert_true(uuid_valid(id));
+        for (int k = 0; k < 36; k++) {
+            if (k == 8 || k == 13 || k == 18 || k == 23)
+                assert_int_equal(id[k], '-');
+            else
+                assert_non_null(strchr("0123456789abcdef", id[k]));
+        }
+        assert_int_equal(id[14], '4');                /* version 4 */
+        assert_non_null(strchr("89ab", id[19]));      /* RFC 4122 variant */
+    }
+}
+
+/* Two threads draw from their own pools at once; no id repeats anywhere. */
+static void test_uuid_unique(void **state)
+{
+    (void)state;
+    char **ids = xcalloc(3 * S_MANY, sizeof *ids);
+    pthread_t t1, t2;
+    assert_int_equal(pthread_create(&t1, NULL, s_thread, ids + S_MANY), 0);
+    assert_int_equal(pthread_create(&t2, NULL, s_thread, ids + 2 * S_MANY), 0);
+    s_fill(ids, S_MANY);
+    pthread_join(t1, NULL);
+    pthread_join(t2, NULL);
+    qsort(ids, 3 * S_MANY, sizeof *ids, s_cmp);
+    for (int i = 1; i < 3 * S_MANY; i++)
+        assert_string_not_equal(ids[i - 1], ids[i]);
+    for (int i = 0; i < 3 * S_MANY; i++)
+        free(ids[i]);
+    free(ids);
+}
+
+static void test_uuid_valid(void **state)
+{
+    (void)state;
+    assert_true(uuid_valid("123e4567-e89b-12d3-a456-426614174000"));
+    assert_true(uuid_valid("123E4567-E89B-12D3-A456-426614174000"));
+    assert_false(uuid_valid(NULL));
+    assert_false(uuid_valid(""));
+    assert_false(uuid_valid("123e4567e89b12d3a456426614174000"));
+    assert_false(uuid_valid("123e4567-e89b-12d3-a456-42661417400"));
+    assert_false(uuid_valid("123e4567-e89b-12d3-a456-4266141740000"));
+    assert_false(uuid_valid("123e4567-e89b-12d3-a456-42661417400g"));
+    assert_false(uuid_valid("123e4567-e89b-12d3-a456+426614174000"));
+}
+
+static void test_strings_and_clocks(void **state)
+{
+    (void)state;
+    char *s = xasprintf("%s-%d", "gate", 7);
+    assert_string_equal(s, "gate-7");
+    free(s);
+    assert_null(xstrdup(NULL));
+    s = xstrndup("江翠社区", 6);
+    assert_string_equal(s, "江翠");
+    free(s);
+    int64_t a = mono_us(), b = mono_us();
+    assert_true(b >= a);
+    assert_true(now_ms() > 1700000000000LL);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_uuid_form),
+        cmocka_unit_test(test_uuid_unique),
+        cmocka_unit_test(test_uuid_valid),
+        cmocka_unit_test(test_strings_and_clocks),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
