@@ -195,7 +195,7 @@ class System:
     def __init__(self, name):
         self.name = name
         self.bin = os.path.join(ROOT, os.environ.get("LINLI_BIN", "bin"))
-        self.var = os.path.join(os.environ.get("LINLI_TEST_VAR", tempfile.mkdtemp()), name)
+        self.var = os.path.join(os.environ.get("LINLI_TEST_VAR") or tempfile.mkdtemp(), name)
         os.makedirs(self.var, exist_ok=True)
         base = os.environ["LINLI_TEST_PG"]
         self.dbname = "it_%s_%d" % (name, os.getpid())
