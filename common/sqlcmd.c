@@ -5,6 +5,7 @@
 #include "pbjson.h"
 #include "util.h"
 
+#include <assert.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,8 +66,10 @@ static void s_on_rows(const PGresult *res, void *arg)
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != 4)
         return;
     for (int row = 0, n = PQntuples(res); row < n; row++) {
-        int i = atoi(PQgetvalue(res, row, 0));
-        if (i < 0 || i >= q->in_flight || q->slots[i]->got_row || PQgetisnull(res, row, 1)) {
+        char *end;
+        long i = strtol(PQgetvalue(res, row, 0), &end, 10);
+        if (PQgetisnull(res, row, 0) || *end || i < 0 || i >= q->in_flight ||
+            q->slots[i]->got_row || PQgetisnull(res, row, 1)) {
             log_error("sqlcmd", "unexpected result row position=%s", PQgetvalue(res, row, 0));
             continue;
         }
@@ -134,7 +137,7 @@ static void s_on_done(int status, const char *errmsg, void *arg)
     int n = q->in_flight;
     q->flight = NULL;
     q->in_flight = 0;
-    if (q->closing) {
+    if (q->closing && status != 0) {
         /* Committed or not, the outcome is unknown to the caller; it
          * retries with the same key and gets the stored reply. */
         for (s_item_t *it = batch, *next; it; it = next) {
@@ -145,6 +148,7 @@ static void s_on_done(int status, const char *errmsg, void *arg)
         return;
     }
     if (status == 0) {
+        /* Committed: the real replies, also while closing. */
         q->batches++;
         for (s_item_t *it = batch, *next; it; it = next) {
             next = it->next;
@@ -154,7 +158,7 @@ static void s_on_done(int status, const char *errmsg, void *arg)
             q->commands++;
             s_item_free(it);
         }
-        if (q->opts.committed)
+        if (q->opts.committed && !q->closing)
             q->opts.committed(q->opts.arg);
     } else if (n > 1) {
         /* Put the batch back at the front, each to run alone. */
@@ -277,9 +281,9 @@ void sqlcmd_destroy(sqlcmd_t **q_p)
         return;
     sqlcmd_t *q = *q_p;
     s_answer_all(q, q->head);
-    /* A batch still in flight means the db outlived us: its callback would
-     * touch freed memory, so answer it here and let the db drop it. */
-    s_answer_all(q, q->flight);
+    /* The db is destroyed first (see sqlcmd_close), and that completes the
+     * batch in flight: one still here would call back into freed memory. */
+    assert(!q->flight);
     free(q->sql);
     free(q->slots);
     free(q->buf);
