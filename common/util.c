@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/random.h>
 #include <time.h>
+#include <unistd.h>
 #include <uuid/uuid.h>
 
 static void s_oom(size_t n)
@@ -85,12 +86,20 @@ int64_t mono_us(void)
 }
 
 /* Random version-4 UUIDs from a per-thread pool filled by getrandom(2): one
- * system call per 256 ids instead of libuuid's per-id set-up, which showed
- * in profiles since every reply and event carries an id. */
+ * read per 256 ids instead of libuuid's per-id set-up, which showed in
+ * profiles since every reply and event carries an id. The pool is dropped in
+ * a forked child. */
 void uuid_new(char out[37])
 {
     static __thread uint8_t pool[4096];
     static __thread size_t used = sizeof pool;
+    static __thread pid_t owner;
+    pid_t pid = getpid();
+    if (pid != owner) {
+        /* a forked child must not hand out its parent's ids */
+        owner = pid;
+        used = sizeof pool;
+    }
     if (used + 16 > sizeof pool) {
         size_t got = 0;
         while (got < sizeof pool) {

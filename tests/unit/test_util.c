@@ -11,6 +11,8 @@
 
 #include <cmocka.h>
 #include <pthread.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "util.h"
 
@@ -73,6 +75,31 @@ static void test_uuid_unique(void **state)
     free(ids);
 }
 
+/* A forked child draws fresh ids, not the rest of its parent's pool. */
+static void test_uuid_fork(void **state)
+{
+    (void)state;
+    char warm[37], parent[37], child[37];
+    uuid_new(warm); /* the pool is filled and partly used */
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        uuid_new(child);
+        _exit(write(fds[1], child, 37) == 37 ? 0 : 1);
+    }
+    uuid_new(parent);
+    assert_int_equal(read(fds[0], child, 37), 37);
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    close(fds[0]);
+    close(fds[1]);
+    assert_true(uuid_valid(child));
+    assert_string_not_equal(parent, child);
+}
+
 static void test_uuid_valid(void **state)
 {
     (void)state;
@@ -107,6 +134,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_uuid_form),
         cmocka_unit_test(test_uuid_unique),
+        cmocka_unit_test(test_uuid_fork),
         cmocka_unit_test(test_uuid_valid),
         cmocka_unit_test(test_strings_and_clocks),
     };
