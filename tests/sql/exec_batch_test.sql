@@ -788,17 +788,18 @@ DECLARE
     v_f  integer := 0;
     k    integer;
 BEGIN
-    IF to_regprocedure('registry.s_scan_run(jsonb, integer, integer)') IS NULL THEN
-        RETURN 0;
-    END IF;
+
     WHILE v_i < v_n LOOP
         v_j := v_i;
         WHILE v_j < v_n AND p_cmds -> v_j ->> 'n' = 'scan' LOOP
             v_j := v_j + 1;
         END LOOP;
-        IF v_j - v_i >= 2 THEN
-            EXECUTE 'SELECT count(*) FROM registry.s_scan_run($1, $2, $3) WHERE code IS NOT NULL'
-               INTO k USING p_cmds, v_i, v_j;
+        IF v_j - v_i >= 8 THEN   -- as registry.exec_batch
+            SELECT count(*) INTO k
+              FROM registry.s_scan_run(
+                       jsonb_path_query_array(p_cmds, format('$[%s to %s]', v_i, v_j - 1)::jsonpath),
+                       v_i)
+             WHERE code IS NOT NULL;
             v_f := v_f + k;
             v_i := v_j;
         ELSE

@@ -151,6 +151,10 @@ CREATE FUNCTION registry.s_outbox_turn() RETURNS bigint
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM 1 FROM registry.outbox_stream WHERE stream = 'registry' FOR UPDATE;
+    IF NOT FOUND THEN
+        -- without its row there is no ordering lock: never write unordered
+        RAISE EXCEPTION 'outbox stream registry is missing' USING ERRCODE = 'P0002';
+    END IF;
     RETURN coalesce((SELECT max(seq) FROM registry.outbox WHERE stream = 'registry'), 0);
 END
 $$;

@@ -7,7 +7,7 @@
 -- had the commands run one after another.
 --
 -- Check-ins are the flood (a festival gate scans thousands of people a
--- minute), so a run of consecutive scan commands goes through
+-- minute), so a run of 8 or more consecutive scan commands goes through
 -- registry.s_scan_run, which handles the plain case, an entry scan of an
 -- activity token, with one set-based statement instead of one function call
 -- per scan. Everything else (exit scans, stations, refused tokens, retries,
@@ -44,12 +44,15 @@ BEGIN
         RAISE EXCEPTION 'registry.exec_batch takes a JSON array' USING ERRCODE = '22023';
     END IF;
     v_n := jsonb_array_length(p_cmds);
+    -- The stream's write turn first, before any command locks a row of its
+    -- own: writers that take their locks in one order cannot deadlock.
+    PERFORM registry.s_outbox_turn();
     WHILE v_i < v_n LOOP
         v_j := v_i;
         WHILE v_j < v_n AND p_cmds -> v_j ->> 'n' = 'scan' LOOP
             v_j := v_j + 1;
         END LOOP;
-        IF v_j - v_i >= 2 THEN
+        IF v_j - v_i >= 8 THEN
             -- the fast statement's replies go out as they are; rows without
             -- a code are the scans it left, run here in command order
             SELECT array_agg(x.i ORDER BY x.i) FILTER (WHERE x.code IS NULL),
@@ -58,7 +61,9 @@ BEGIN
                    array_agg(x.message) FILTER (WHERE x.code IS NOT NULL),
                    array_agg(x.result) FILTER (WHERE x.code IS NOT NULL)
               INTO v_slow, v_fi, v_fc, v_fm, v_fr
-              FROM registry.s_scan_run(p_cmds, v_i, v_j) x;
+              FROM registry.s_scan_run(
+                       jsonb_path_query_array(p_cmds, format('$[%s to %s]', v_i, v_j - 1)::jsonpath),
+                       v_i) x;
             RETURN QUERY SELECT * FROM unnest(v_fi, v_fc, v_fm, v_fr);
             FOREACH v_k IN ARRAY coalesce(v_slow, '{}') LOOP
                 c := p_cmds -> v_k;
@@ -84,8 +89,10 @@ BEGIN
 END
 $$;
 
--- The scan commands p_cmds[p_from .. p_to - 1] (0-based), one row each. The fast set: well-formed entry scans of a valid activity
--- token whose person, nonce and idempotency key appear once in the run and
+-- A run of scan commands, p_run, the first of them at position p_first of
+-- the batch: one row each, i its position in the batch. The fast set:
+-- well-formed entry scans of a valid activity token whose person, nonce and
+-- idempotency key appear once in the run and
 -- were never seen before. They are decided, recorded (check-in, scan row,
 -- event, idempotency record) and answered here exactly as
 -- registry.cmd_scan would; every other scan gets a row with a NULL code, for
@@ -97,7 +104,7 @@ $$;
 -- bigint in a bigint field) never comes; if one did, the statement would
 -- raise and the daemon would rerun the batch one command at a time through
 -- registry.exec, which answers invalid_argument.
-CREATE FUNCTION registry.s_scan_run(p_cmds jsonb, p_from integer, p_to integer)
+CREATE FUNCTION registry.s_scan_run(p_run jsonb, p_first integer)
 RETURNS TABLE (i integer, code text, message text, result text)
 LANGUAGE plpgsql
 -- One plan for every batch (a custom plan per call would cost more than the
@@ -112,7 +119,7 @@ AS $$
 BEGIN
     RETURN QUERY
     WITH parsed AS MATERIALIZED (
-        SELECT (t.ord - 1)::integer AS i, coalesce(t.k, '') AS key,
+        SELECT (p_first + t.ord - 1)::integer AS i, coalesce(t.k, '') AS key,
                coalesce(t.c, '{}') AS ctx, jsonb_typeof(t.a) = 'object' AS is_obj,
                coalesce(a.verdict, '') AS verdict, coalesce(a.kind, '') AS kind,
                coalesce(a.subject_id, 0) AS subject, coalesce(a.community_id, 0) AS community,
@@ -137,14 +144,13 @@ BEGIN
                       OR t.a ->> 'counter' ~ '^[0-9]{1,20}$')
                  AND (t.a -> 'direction' IS NULL
                       OR t.a -> 'direction' IN ('null', '"DIRECTION_ENTRY"', '0')) AS canon
-          FROM ROWS FROM (jsonb_to_recordset(p_cmds) AS (n text, k text, a jsonb, c jsonb))
+          FROM ROWS FROM (jsonb_to_recordset(p_run) AS (n text, k text, a jsonb, c jsonb))
                WITH ORDINALITY AS t (n, k, a, c, ord)
          CROSS JOIN LATERAL jsonb_to_record(CASE WHEN jsonb_typeof(t.a) = 'object'
                                                  THEN t.a ELSE '{}' END)
                AS a (verdict text, kind text, subject_id bigint, community_id bigint,
                      person_id bigint, device_id text, counter numeric, scanned_at bigint,
                      expected_id bigint)
-         WHERE t.ord > p_from AND t.ord <= p_to
     ), counted AS (
         -- over the whole run: a fast row shares nothing with any other row
         SELECT p.*,
