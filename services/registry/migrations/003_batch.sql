@@ -175,18 +175,22 @@ BEGIN
     ), fast AS (
         SELECT f.*, registry.s_now(f.ctx) AS now FROM sorted f WHERE f.is_fast
     ), looked AS MATERIALIZED (
-        -- scalar subqueries: one unique-index probe per scan whatever the
-        -- statistics say about the tables' sizes
+        -- One unique-index probe per scan, whatever the statistics say about
+        -- the tables' sizes: scalar subqueries, because the planner may turn
+        -- an EXISTS into a hashed subplan that reads the whole index, once
+        -- per batch but growing with the festival.
         SELECT f.*, a.community_id AS a_comm, a.auto_checkout_at AS auto, a.walk_in,
                a.id IS NOT NULL AS found,
-               EXISTS (SELECT 1 FROM registry.command_log l WHERE l.key = f.key) AS key_seen,
-               EXISTS (SELECT 1 FROM registry.scans s
-                        WHERE s.device_id = f.device AND s.counter = f.counter
-                          AND s.device_id <> '') AS nonce_seen,
-               EXISTS (SELECT 1 FROM registry.people pp WHERE pp.id = f.person) AS person_ok,
-               EXISTS (SELECT 1 FROM registry.signups u
-                        WHERE u.activity_id = f.subject AND u.person_id = f.person
-                          AND u.status = 'confirmed') AS signed,
+               (SELECT true FROM registry.command_log l WHERE l.key = f.key) IS NOT NULL
+                   AS key_seen,
+               (SELECT true FROM registry.scans s
+                 WHERE s.device_id = f.device AND s.counter = f.counter
+                   AND s.device_id <> '') IS NOT NULL AS nonce_seen,
+               (SELECT true FROM registry.people pp WHERE pp.id = f.person) IS NOT NULL
+                   AS person_ok,
+               (SELECT true FROM registry.signups u
+                 WHERE u.activity_id = f.subject AND u.person_id = f.person
+                   AND u.status = 'confirmed') IS NOT NULL AS signed,
                (SELECT ci.id FROM registry.checkins ci
                  WHERE ci.activity_id = f.subject AND ci.person_id = f.person
                    AND ci.checked_out_at IS NULL) AS open_id
