@@ -174,6 +174,12 @@ BEGIN
           FROM counted f
     ), fast AS (
         SELECT f.*, registry.s_now(f.ctx) AS now FROM sorted f WHERE f.is_fast
+    ), acts AS MATERIALIZED (
+        -- each activity read once per run: its row is the one every sign-up
+        -- updates, so a lookup per scan could walk a long chain of versions
+        SELECT a.id, a.community_id, a.auto_checkout_at, a.walk_in
+          FROM registry.activities a
+         WHERE a.id IN (SELECT DISTINCT f.subject FROM fast f)
     ), looked AS MATERIALIZED (
         -- One unique-index probe per scan, whatever the statistics say about
         -- the tables' sizes: scalar subqueries, because the planner may turn
@@ -194,7 +200,7 @@ BEGIN
                (SELECT ci.id FROM registry.checkins ci
                  WHERE ci.activity_id = f.subject AND ci.person_id = f.person
                    AND ci.checked_out_at IS NULL) AS open_id
-          FROM fast f LEFT JOIN registry.activities a ON a.id = f.subject
+          FROM fast f LEFT JOIN acts a ON a.id = f.subject
     ), decided AS (
         SELECT l.*,
                CASE WHEN NOT l.found THEN 'not_found'
