@@ -14,50 +14,10 @@
 \set ON_ERROR_STOP 1
 SET client_min_messages = warning;
 
-CREATE SCHEMA t;
-CREATE TABLE t.passed (n bigserial PRIMARY KEY, label text NOT NULL);
-CREATE TABLE t.v (k text PRIMARY KEY, id bigint NOT NULL);
+SET t.name = 'registry_test';
+\ir lib/t.sql
 
 -- ---------------------------------------------------------------- checks
-
-CREATE FUNCTION t.ok(p_cond boolean, p_label text) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF p_cond IS NOT TRUE THEN
-        RAISE EXCEPTION 'registry_test: FAILED: %', p_label;
-    END IF;
-    INSERT INTO t.passed (label) VALUES (p_label);
-END
-$$;
-
-CREATE FUNCTION t.eq(p_got anycompatible, p_want anycompatible, p_label text) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF p_got IS DISTINCT FROM p_want THEN
-        RAISE EXCEPTION 'registry_test: FAILED: % (got %, want %)', p_label, p_got, p_want;
-    END IF;
-    INSERT INTO t.passed (label) VALUES (p_label);
-END
-$$;
-
--- named ids (people P1.., communities, activities, offers ...)
-CREATE FUNCTION t.set(p_k text, p_id bigint) RETURNS void
-LANGUAGE sql AS $$
-    INSERT INTO t.v (k, id) VALUES (p_k, p_id) ON CONFLICT (k) DO UPDATE SET id = excluded.id
-$$;
-
-CREATE FUNCTION t.id(p_k text) RETURNS bigint
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v bigint;
-BEGIN
-    SELECT id INTO v FROM t.v WHERE k = p_k;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'registry_test: no id named %', p_k;
-    END IF;
-    RETURN v;
-END
-$$;
 
 -- a JSON list of the ids of the named people, in order
 CREATE FUNCTION t.pids(VARIADIC p_keys text[]) RETURNS jsonb
