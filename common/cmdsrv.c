@@ -50,11 +50,18 @@ static void s_send(cmdsrv_t *srv, const void *rid, size_t rid_len, bool delimite
     free(buf);
 }
 
-static void s_reject(cmdsrv_t *srv, const bus_msg_t *msg, const char *code, const char *why)
+/* Answers a refused frame; request_id (may be NULL) names the request when
+ * the frame carried a readable one, so the client sees the error at once
+ * rather than waiting out its timeout. */
+static void s_reject(cmdsrv_t *srv, const bus_msg_t *msg, const char *code, const char *why,
+                     const char *request_id)
 {
     srv->rejected++;
     log_info("cmdsrv", "rejected frame code=%s why=%s", code, why);
-    Linli__Envelope *e = envelope_reply_new(NULL, srv->source, envelope_error_reply(code, why));
+    Linli__Reply *reply = envelope_error_reply(code, why);
+    if (request_id)
+        reply->request_id = xstrdup(request_id);
+    Linli__Envelope *e = envelope_reply_new(NULL, srv->source, reply);
     s_send(srv, msg->data[0], msg->size[0], msg->count > 2 && msg->size[1] == 0, e);
     protobuf_c_message_free_unpacked(&e->base, NULL);
 }
@@ -71,7 +78,7 @@ static void s_on_msg(bus_sock_t *s, const bus_msg_t *msg, void *arg)
         return;
     }
     if (msg->count > 3 || (msg->count == 3 && msg->size[1] != 0)) {
-        s_reject(srv, msg, ENVELOPE_E_MALFORMED, "a command is one frame");
+        s_reject(srv, msg, ENVELOPE_E_MALFORMED, "a command is one frame", NULL);
         return;
     }
     const char *code;
@@ -80,17 +87,24 @@ static void s_on_msg(bus_sock_t *s, const bus_msg_t *msg, void *arg)
     Linli__Envelope *env = envelope_decode(msg->data[last], msg->size[last], &code, why,
                                            sizeof why);
     if (!env) {
-        s_reject(srv, msg, code, why);
+        char id[37];
+        int has_id = strcmp(code, ENVELOPE_E_INVALID) == 0 &&
+                     envelope_peek_id(msg->data[last], msg->size[last], id);
+        s_reject(srv, msg, code, why, has_id ? id : NULL);
         return;
     }
     if (env->payload_case != LINLI__ENVELOPE__PAYLOAD_COMMAND) {
+        char id[37] = "";
+        if (env->id && env->id[0])
+            snprintf(id, sizeof id, "%s", env->id); /* validated: a UUID */
         envelope_free(&env);
-        s_reject(srv, msg, ENVELOPE_E_INVALID, "only commands are accepted here");
+        s_reject(srv, msg, ENVELOPE_E_INVALID, "only commands are accepted here",
+                 id[0] ? id : NULL);
         return;
     }
     if (!env->id || !env->id[0]) {
         envelope_free(&env);
-        s_reject(srv, msg, ENVELOPE_E_INVALID, "a command needs an id");
+        s_reject(srv, msg, ENVELOPE_E_INVALID, "a command needs an id", NULL);
         return;
     }
     cmdsrv_req_t *req = xmalloc(sizeof *req);

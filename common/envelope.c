@@ -138,6 +138,19 @@ static int s_depth_check(const ProtobufCMessageDescriptor *d, const uint8_t *p, 
     return 0;
 }
 
+int envelope_peek_id(const void *buf, size_t len, char id[37])
+{
+    if (len > ENVELOPE_MAX_BYTES || s_depth_check(&linli__envelope__descriptor, buf, len, 1) < 0)
+        return 0;
+    Linli__Envelope *e = linli__envelope__unpack(NULL, len, buf);
+    int ok = e && e->id && uuid_valid(e->id);
+    if (ok)
+        memcpy(id, e->id, 37);
+    if (e)
+        linli__envelope__free_unpacked(e, NULL);
+    return ok;
+}
+
 Linli__Envelope *envelope_decode(const void *buf, size_t len, const char **code, char *why,
                                  size_t whylen)
 {

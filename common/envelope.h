@@ -27,6 +27,11 @@
 Linli__Envelope *envelope_decode(const void *buf, size_t len, const char **code, char *why,
                                  size_t whylen);
 
+/* For a frame envelope_decode refused as invalid_envelope (it unpacks but
+ * breaks a rule): copies its id into id when that is a UUID, so the refusal
+ * can name the request it answers. Returns 1 when id was written, else 0. */
+int envelope_peek_id(const void *buf, size_t len, char id[37]);
+
 /* Checks limits and shape: lengths above, id (when set) a UUID, a payload
  * present, for a command exactly one command set. Returns 0, or -1 with a
  * reason in why. */

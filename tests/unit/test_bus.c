@@ -1282,7 +1282,8 @@ static void s_send_env(bus_sock_t *s, const Linli__Envelope *env)
 }
 
 /* Frames a peer should never send: each gets one error reply with the
- * documented code (none reaches the handler); a message with more frames
+ * documented code (none reaches the handler), naming the request when its
+ * id was readable; a message with more frames
  * than the bus takes is dropped unanswered; and then a good command is
  * still served. Exactly one reply per request. */
 static void test_cmd_rejects(void **state)
@@ -1300,6 +1301,8 @@ static void test_cmd_rejects(void **state)
     size_t glen;
     uint8_t *gbuf = envelope_encode(good, &glen);
     const char *want[16];
+    char wantid[16][37];  /* the request id the refusal must carry, or "" */
+    memset(wantid, 0, sizeof wantid);
     int n = 0;
 
     const void *junk[1] = { "\xff\xff\xff" };
@@ -1335,6 +1338,7 @@ static void test_cmd_rejects(void **state)
     ev->event = xmalloc(sizeof *ev->event);
     linli__event__init(ev->event);
     s_send_env(d, ev);
+    snprintf(wantid[n], 37, "%s", ev->id);  /* readable: named in the refusal */
     s_env_free(ev);
     want[n++] = ENVELOPE_E_INVALID;
 
@@ -1353,6 +1357,7 @@ static void test_cmd_rejects(void **state)
     free(longsrc->source);
     longsrc->source = xasprintf("%0*d", ENVELOPE_MAX_NAME + 1, 0);
     s_send_env(d, longsrc);
+    snprintf(wantid[n], 37, "%s", longsrc->id);
     s_env_free(longsrc);
     want[n++] = ENVELOPE_E_INVALID;
 
@@ -1361,6 +1366,7 @@ static void test_cmd_rejects(void **state)
     free(nocmd->command->get_activity);  /* not freed via the unset case */
     nocmd->command->get_activity = NULL;
     s_send_env(d, nocmd);
+    snprintf(wantid[n], 37, "%s", nocmd->id);
     s_env_free(nocmd);
     want[n++] = ENVELOPE_E_INVALID;
 
@@ -1384,7 +1390,7 @@ static void test_cmd_rejects(void **state)
         if (want[i]) {
             if (p.ok[i] || strcmp(p.code[i], want[i]) != 0)
                 fail_msg("reply %d: ok=%d code=%s, want %s", i, p.ok[i], p.code[i], want[i]);
-            assert_string_equal(p.request_id[i], "");
+            assert_string_equal(p.request_id[i], wantid[i]);
         } else {
             assert_true(p.ok[i]);
             assert_string_equal(p.request_id[i], good->id);

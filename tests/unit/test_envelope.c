@@ -1034,6 +1034,41 @@ static void test_error_reply(void **state)
     protobuf_c_message_free_unpacked(&r->base, NULL);
 }
 
+/* A frame refused as invalid_envelope still names its request when its id
+ * is a UUID; nothing is read from frames that do not unpack. */
+static void test_peek_id(void **state)
+{
+    (void)state;
+    Linli__Envelope e;
+    s_header(&e);
+    e.source = (char *)"a-source-name-that-is-far-too-long-for-any-envelope-"
+                       "0123456789abcdef";
+    Linli__Heartbeat hb = LINLI__HEARTBEAT__INIT;
+    e.payload_case = LINLI__ENVELOPE__PAYLOAD_HEARTBEAT;
+    e.heartbeat = &hb;
+    size_t len;
+    uint8_t *buf = envelope_encode(&e, &len);
+    const char *code;
+    char why[128], id[37] = "";
+    assert_null(envelope_decode(buf, len, &code, why, sizeof why));
+    assert_string_equal(code, ENVELOPE_E_INVALID);
+    assert_int_equal(envelope_peek_id(buf, len, id), 1);
+    assert_string_equal(id, S_UUID);
+    free(buf);
+
+    e.id = (char *)"not-a-uuid";
+    buf = envelope_encode(&e, &len);
+    assert_int_equal(envelope_peek_id(buf, len, id), 0);
+    free(buf);
+    e.id = NULL;
+    buf = envelope_encode(&e, &len);
+    assert_int_equal(envelope_peek_id(buf, len, id), 0);
+    free(buf);
+
+    assert_int_equal(envelope_peek_id("\xff\xff\xff", 3, id), 0);
+    assert_int_equal(envelope_peek_id("", ENVELOPE_MAX_BYTES + 1, id), 0);
+}
+
 static void test_free_accepts_null(void **state)
 {
     (void)state;
@@ -1069,6 +1104,7 @@ int main(void)
         cmocka_unit_test(test_reply_new),
         cmocka_unit_test(test_reply_new_edges),
         cmocka_unit_test(test_error_reply),
+        cmocka_unit_test(test_peek_id),
         cmocka_unit_test(test_free_accepts_null),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
