@@ -148,8 +148,11 @@ static void s_on_done(int status, const char *errmsg, void *arg)
         return;
     }
     if (status == 0) {
-        /* Committed: the real replies, also while closing. */
+        /* Committed: the real replies, also while closing. The next batch
+         * goes to the database first, so that it works while these replies
+         * are built and sent. */
         q->batches++;
+        s_pump(q);
         for (s_item_t *it = batch, *next; it; it = next) {
             next = it->next;
             Linli__Reply *reply = it->got_row ? s_build_reply(q, it)
