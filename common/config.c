@@ -110,7 +110,16 @@ char *config_secret(const char *key)
         }
         char buf[4096];
         size_t n = fread(buf, 1, sizeof buf - 1, f);
+        /* one byte more means the file does not fit: refuse, never cut */
+        int too_long = n == sizeof buf - 1 && fgetc(f) != EOF;
+        int failed = ferror(f);
         fclose(f);
+        if (too_long || failed) {
+            log_error("config", "secret file %s key=%s path=%s", too_long ? "longer than 4095 bytes"
+                      : "unreadable", fkey, path);
+            memset(buf, 0, sizeof buf);
+            return NULL;
+        }
         buf[n] = '\0';
         while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
             buf[--n] = '\0';

@@ -440,6 +440,11 @@ static void test_secret_from_file(void **state)
     assert_non_null(s);
     assert_string_equal(s, big);
     free(s);
+    /* One byte more does not fit: refused, never cut short. */
+    char bigger[4097];
+    memset(bigger, 'k', sizeof bigger);
+    setenv("LINLI_T_SECRET_FILE", s_write("bigger", bigger, sizeof bigger), 1);
+    assert_null(config_secret("LINLI_T_SECRET"));
 
     /* An empty file (or only newlines) holds no secret. */
     setenv("LINLI_T_SECRET_FILE", s_write("empty", "", 0), 1);
