@@ -1,19 +1,25 @@
 /* Unit tests for common/outbox.c and common/sub.c together, with no mocks:
- * a real PostgreSQL (LINLI_TEST_PG, a libpq conninfo), a schema of our own
- * (test_outbox_<pid>) holding just the outbox tables, the functions that
- * number events as they are written (s_outbox_turn / s_emit) and the relay's
- * outbox_state / outbox_replay, copied from services/registry/migrations for
- * our stream, a relay publishing on a real PUB socket and answering Replay
- * through a real command server, and subscribers in the same event_base.
- * Events are written by ordinary transactions on side connections through
- * s_emit, as a service would. Every wait runs the loop under a deadline, so
- * a hang fails the test. Without LINLI_TEST_PG every test that needs the
- * server is skipped. */
+ * a real PostgreSQL (LINLI_TEST_PG, a libpq conninfo), a database of our
+ * own (test_outbox_<pid>, on LINLI_TEST_PG's server) holding the registry's
+ * real schema, applied from services/registry/migrations (or
+ * LINLI_REGISTRY_MIGRATIONS) by migrate_apply as the daemon does: its
+ * outbox tables, the functions that number events as they are written
+ * (registry.s_outbox_turn / registry.s_emit) and the relay's
+ * registry.outbox_state / registry.outbox_replay, for the stream
+ * "registry". A relay publishes on a real PUB socket and answers Replay
+ * through a real command server, and subscribers run in the same
+ * event_base. Events are written by ordinary transactions on side
+ * connections through registry.s_emit, as the registry's commands do. Every
+ * wait runs the loop under a deadline, so a hang fails the test. The
+ * database is dropped at the end, also after a failure. Without
+ * LINLI_TEST_PG every test that needs the server is skipped. */
 #include "bus.h"
 #include "cmdcli.h"
 #include "cmdsrv.h"
+#include "config.h"
 #include "db.h"
 #include "log.h"
+#include "migrate.h"
 #include "outbox.h"
 #include "sub.h"
 #include "util.h"
@@ -33,12 +39,15 @@
 #include <unistd.h>
 #include <zmq.h>
 
-#define S_STREAM "obx"            /* not "registry": nothing may assume the name */
+#define S_SCHEMA "registry"       /* the schema the migrations are applied into */
+#define S_STREAM "registry"       /* the stream 001_schema.sql creates */
+#define S_MIGRATIONS "services/registry/migrations" /* from the repository root */
 #define S_DEADLINE_MS 8000        /* one wait; the relay's timer ticks every second */
 #define S_MAX_EVENTS 600          /* events one recorder keeps */
 
-static const char *s_conninfo;  /* NULL: no server, skip */
-static char s_schema[64];
+static const char *s_conninfo;  /* NULL: no server, skip; the server's own database */
+static char s_dbname[64];       /* our database, test_outbox_<pid> */
+static char *s_db_conninfo;     /* s_conninfo with dbname = s_dbname */
 static PGconn *s_side;          /* blocking connection for set-up, inserts and checks */
 static uint64_t s_next_epoch;   /* each test's stream starts a fresh epoch */
 
@@ -79,121 +88,64 @@ typedef struct s_rec {
     int n_at_epoch;              /* n when on_epoch was last called */
 } s_rec_t;
 
-/* ---- schema ---- */
+/* ---- the database ---- */
 
-/* The outbox part of services/registry/migrations/001_schema.sql and the
- * event and relay functions of 002_commands.sql, with "{S}" for the schema
- * and our stream in place of 'registry'. */
-static const char s_ddl[] =
-    "CREATE SCHEMA {S};\n"
-    "CREATE TABLE {S}.outbox (\n"
-    "    stream        text        NOT NULL DEFAULT '" S_STREAM "',\n"
-    "    seq           bigint      NOT NULL,\n"
-    "    event_id      uuid        NOT NULL DEFAULT gen_random_uuid(),\n"
-    "    type          text        NOT NULL,\n"
-    "    community_id  bigint      NOT NULL DEFAULT 0,\n"
-    "    trace_id      text        NOT NULL DEFAULT '',\n"
-    "    occurred_at   bigint      NOT NULL,\n"
-    "    payload       jsonb       NOT NULL,\n"
-    "    created_at    timestamptz NOT NULL DEFAULT now(),\n"
-    "    PRIMARY KEY (stream, seq)\n"
-    ");\n"
-    "CREATE TABLE {S}.outbox_stream (\n"
-    "    stream  text   PRIMARY KEY,\n"
-    "    epoch   bigint NOT NULL\n"
-    ");\n"
-    "CREATE FUNCTION {S}.s_outbox_notify() RETURNS trigger\n"
-    "LANGUAGE plpgsql AS $$\n"
-    "BEGIN\n"
-    "    PERFORM pg_notify('{S}_outbox', '');\n"
-    "    RETURN NULL;\n"
-    "END\n"
-    "$$;\n"
-    "CREATE TRIGGER outbox_notify AFTER INSERT ON {S}.outbox\n"
-    "    FOR EACH STATEMENT EXECUTE FUNCTION {S}.s_outbox_notify();\n"
-    "CREATE FUNCTION {S}.s_outbox_turn() RETURNS bigint\n"
-    "LANGUAGE plpgsql AS $$\n"
-    "BEGIN\n"
-    "    PERFORM 1 FROM {S}.outbox_stream WHERE stream = '" S_STREAM "' FOR UPDATE;\n"
-    "    RETURN coalesce((SELECT max(seq) FROM {S}.outbox WHERE stream = '" S_STREAM "'), 0);\n"
-    "END\n"
-    "$$;\n"
-    "CREATE FUNCTION {S}.s_emit(p_type text, p_community_id bigint, p_occurred_at bigint,\n"
-    "                           p_payload jsonb, p_ctx jsonb) RETURNS void\n"
-    "LANGUAGE plpgsql AS $$\n"
-    "BEGIN\n"
-    "    INSERT INTO {S}.outbox (seq, type, community_id, trace_id, occurred_at, payload)\n"
-    "    VALUES ({S}.s_outbox_turn() + 1, p_type, p_community_id,\n"
-    "            coalesce(p_ctx ->> 'trace_id', ''), p_occurred_at, p_payload);\n"
-    "END\n"
-    "$$;\n"
-    "CREATE FUNCTION {S}.outbox_state(p_stream text)\n"
-    "RETURNS TABLE (epoch bigint, last_seq bigint)\n"
-    "LANGUAGE sql STABLE AS $$\n"
-    "    SELECT s.epoch, coalesce((SELECT max(o.seq) FROM {S}.outbox o\n"
-    "                               WHERE o.stream = s.stream), 0)\n"
-    "      FROM {S}.outbox_stream s\n"
-    "     WHERE s.stream = p_stream\n"
-    "$$;\n"
-    "CREATE FUNCTION {S}.outbox_replay(p_stream text, p_after bigint, p_limit integer)\n"
-    "RETURNS TABLE (seq bigint, epoch bigint, event_id uuid, type text, community_id bigint,\n"
-    "               trace_id text, occurred_at bigint, payload text)\n"
-    "LANGUAGE sql STABLE AS $$\n"
-    "    SELECT o.seq, s.epoch, o.event_id, o.type, o.community_id, o.trace_id, o.occurred_at,\n"
-    "           o.payload::text\n"
-    "      FROM {S}.outbox_stream s\n"
-    "      JOIN {S}.outbox o ON o.stream = s.stream\n"
-    "     WHERE s.stream = p_stream AND o.seq > p_after\n"
-    "     ORDER BY o.seq\n"
-    "     LIMIT greatest(p_limit, 0)\n"
-    "$$;\n";
-
-/* tmpl with every "{S}" replaced by the schema; caller frees. */
-static char *s_subst(const char *tmpl)
+/* conninfo (key=value or URI) with dbname set to dbname, as key='value'
+ * pairs; caller frees. NULL when conninfo does not parse. */
+static char *s_conninfo_with_db(const char *conninfo, const char *dbname)
 {
-    size_t slen = strlen(s_schema), cap = strlen(tmpl) * 2 + 1, n = 0;
+    char *err = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, &err);
+    if (!opts) {
+        print_error("LINLI_TEST_PG does not parse: %s", err ? err : "out of memory");
+        PQfreemem(err);
+        return NULL;
+    }
+    size_t cap = strlen(conninfo) + strlen(dbname) + 64, n = 0;
     char *out = xmalloc(cap);
-    for (const char *p = tmpl; *p;) {
-        if (n + slen + 1 >= cap) {
-            cap *= 2;
+    out[0] = '\0';
+    for (PQconninfoOption *o = opts; o->keyword; o++) {
+        const char *val = strcmp(o->keyword, "dbname") == 0 ? dbname : o->val;
+        if (!val)
+            continue;
+        size_t need = n + strlen(o->keyword) + 2 * strlen(val) + 8;
+        if (need > cap) {
+            cap = need * 2;
             out = xrealloc(out, cap);
         }
-        if (strncmp(p, "{S}", 3) == 0) {
-            memcpy(out + n, s_schema, slen);
-            n += slen;
-            p += 3;
-        } else {
-            out[n++] = *p++;
+        n += (size_t)sprintf(out + n, "%s%s='", n ? " " : "", o->keyword);
+        for (const char *c = val; *c; c++) {
+            if (*c == '\'' || *c == '\\')
+                out[n++] = '\\';
+            out[n++] = *c;
         }
+        out[n++] = '\'';
+        out[n] = '\0';
     }
-    out[n] = '\0';
+    PQconninfoFree(opts);
     return out;
 }
 
-/* Runs tmpl (schema substituted; several statements allowed) on c. */
-static void s_exec_on(PGconn *c, const char *tmpl)
+/* Runs sql (several statements allowed) on c. */
+static void s_exec_on(PGconn *c, const char *sql)
 {
-    char *sql = s_subst(tmpl);
     PGresult *res = PQexec(c, sql);
-    if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK)
-        print_error("SQL failed: %s\n%s", PQerrorMessage(c), sql);
     ExecStatusType st = PQresultStatus(res);
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
+        print_error("SQL failed: %s\n%s", PQerrorMessage(c), sql);
     PQclear(res);
-    free(sql);
     assert_true(st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK);
 }
 
-static void s_exec(const char *tmpl)
+static void s_exec(const char *sql)
 {
-    s_exec_on(s_side, tmpl);
+    s_exec_on(s_side, sql);
 }
 
 /* The single value of a one-row query on c, as an integer (0 for NULL). */
-static long long s_int_on(PGconn *c, const char *tmpl)
+static long long s_int_on(PGconn *c, const char *sql)
 {
-    char *sql = s_subst(tmpl);
     PGresult *res = db_exec(c, sql, 0, NULL);
-    free(sql);
     assert_non_null(res);
     assert_int_equal(PQntuples(res), 1);
     long long v = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
@@ -201,16 +153,16 @@ static long long s_int_on(PGconn *c, const char *tmpl)
     return v;
 }
 
-static long long s_int(const char *tmpl)
+static long long s_int(const char *sql)
 {
-    return s_int_on(s_side, tmpl);
+    return s_int_on(s_side, sql);
 }
 
-/* Another side connection, closed by the teardown (so a failing test
- * leaves no open transaction holding locks). */
+/* Another side connection to our database, closed by the teardown (so a
+ * failing test leaves no open transaction holding locks). */
 static PGconn *s_connect(PGconn **slot)
 {
-    *slot = PQconnectdb(s_conninfo);
+    *slot = PQconnectdb(s_db_conninfo);
     assert_int_equal(PQstatus(*slot), CONNECTION_OK);
     PQclear(PQexec(*slot, "SET client_min_messages = warning"));
     return *slot;
@@ -218,12 +170,13 @@ static PGconn *s_connect(PGconn **slot)
 
 /* ---- writing events, as a service does ---- */
 
-/* One event through s_emit, which takes the stream's turn (the stream row's
- * lock, held to commit) and numbers the event max(seq) + 1. The marker is
- * the row's community_id and the payload's id, so the receiving side can
- * check both. */
+/* One event through registry.s_emit, which takes the stream's turn (the
+ * stream row's lock, held to commit) and numbers the event max(seq) + 1. Its
+ * type is an Event oneof member name (community_created), as the relay needs
+ * to encode it. The marker is the row's community_id and the payload's id,
+ * so the receiving side can check both. */
 static const char s_emit_sql[] =
-    "SELECT {S}.s_emit('community_created', $1::bigint, $2::bigint, "
+    "SELECT registry.s_emit('community_created', $1::bigint, $2::bigint, "
     "jsonb_build_object('id', $1::bigint, 'name', 'ev' || $1), "
     "jsonb_build_object('trace_id', 'trace-' || $1))";
 
@@ -237,16 +190,14 @@ static void s_emit_params(int64_t mark, char (*m)[24], char (*at)[24])
  * that order) in the open transaction on c. */
 static void s_insert_rows(PGconn *c, int64_t first, int n)
 {
-    char *sql = s_subst(s_emit_sql);
     for (int i = 0; i < n; i++) {
         char mark[24], at[24];
         s_emit_params(first + i, &mark, &at);
         const char *p[2] = { mark, at };
-        PGresult *res = db_exec(c, sql, 2, p);
+        PGresult *res = db_exec(c, s_emit_sql, 2, p);
         assert_non_null(res);
         PQclear(res);
     }
-    free(sql);
 }
 
 /* One transaction of n events that commits (or rolls back). */
@@ -257,16 +208,14 @@ static void s_insert_tx(PGconn *c, int64_t first, int n, bool commit)
     s_exec_on(c, commit ? "COMMIT" : "ROLLBACK");
 }
 
-/* Sends one event's s_emit on c without waiting for it (it may have to wait
+/* Sends one event's registry.s_emit on c without waiting for it (it may have to wait
  * for the stream's turn); s_finish collects it. */
 static void s_emit_send(PGconn *c, int64_t mark)
 {
-    char *sql = s_subst(s_emit_sql);
     char m[24], at[24];
     s_emit_params(mark, &m, &at);
     const char *p[2] = { m, at };
-    int ok = PQsendQueryParams(c, sql, 2, NULL, p, NULL, NULL, 0);
-    free(sql);
+    int ok = PQsendQueryParams(c, s_emit_sql, 2, NULL, p, NULL, NULL, 0);
     assert_int_equal(ok, 1);
 }
 
@@ -377,7 +326,7 @@ static void s_on_command(cmdsrv_t *srv, cmdsrv_req_t *req, void *arg)
 static void s_relay_start(s_env_t *e)
 {
     assert_null(e->ob);
-    e->ob = outbox_new(e->base, s_conninfo, s_schema, S_STREAM, "test_outbox", e->pub);
+    e->ob = outbox_new(e->base, s_db_conninfo, S_SCHEMA, S_STREAM, "test_outbox", e->pub);
     assert_non_null(e->ob);
     assert_true(outbox_ready(e->ob));
 }
@@ -464,11 +413,11 @@ static void s_check_range(const s_rec_t *r, int from, int64_t first, int n, uint
  * outbox_state gives n as the stream's newest number. */
 static void s_check_table(long long n)
 {
-    assert_int_equal(s_int("SELECT count(*) FROM {S}.outbox"), n);
-    assert_int_equal(s_int("SELECT count(DISTINCT seq) FROM {S}.outbox"), n);
-    assert_int_equal(s_int("SELECT coalesce(min(seq), 0) FROM {S}.outbox"), n ? 1 : 0);
-    assert_int_equal(s_int("SELECT coalesce(max(seq), 0) FROM {S}.outbox"), n);
-    assert_int_equal(s_int("SELECT last_seq FROM {S}.outbox_state('" S_STREAM "')"), n);
+    assert_int_equal(s_int("SELECT count(*) FROM registry.outbox"), n);
+    assert_int_equal(s_int("SELECT count(DISTINCT seq) FROM registry.outbox"), n);
+    assert_int_equal(s_int("SELECT coalesce(min(seq), 0) FROM registry.outbox"), n ? 1 : 0);
+    assert_int_equal(s_int("SELECT coalesce(max(seq), 0) FROM registry.outbox"), n);
+    assert_int_equal(s_int("SELECT last_seq FROM registry.outbox_state('" S_STREAM "')"), n);
 }
 
 /* ---- the wire ---- */
@@ -525,42 +474,79 @@ static void s_wire_start(s_env_t *e, s_wire_t *w)
 
 /* ---- fixtures ---- */
 
-static int s_group_setup(void **state)
+/* Runs one statement on the server's own database (CREATE / DROP DATABASE
+ * cannot run in ours). Returns 0, or -1 (printed). */
+static int s_admin(const char *sql)
 {
-    (void)state;
-    if (!s_conninfo)
-        return 0;
-    s_side = PQconnectdb(s_conninfo);
-    if (PQstatus(s_side) != CONNECTION_OK) {
-        print_error("cannot connect to LINLI_TEST_PG: %s", PQerrorMessage(s_side));
-        return -1;
+    PGconn *c = PQconnectdb(s_conninfo);
+    int rc = -1;
+    if (PQstatus(c) != CONNECTION_OK) {
+        print_error("cannot connect to LINLI_TEST_PG: %s", PQerrorMessage(c));
+    } else {
+        PQclear(PQexec(c, "SET client_min_messages = warning"));
+        PGresult *res = PQexec(c, sql);
+        if (PQresultStatus(res) == PGRES_COMMAND_OK)
+            rc = 0;
+        else
+            print_error("%s failed: %s", sql, PQerrorMessage(c));
+        PQclear(res);
     }
-    PQclear(PQexec(s_side, "SET client_min_messages = warning"));
-    char *sql = s_subst("DROP SCHEMA IF EXISTS {S} CASCADE");
-    PQclear(PQexec(s_side, sql));
-    free(sql);
-    sql = s_subst(s_ddl);
-    PGresult *res = PQexec(s_side, sql);
-    free(sql);
-    int rc = PQresultStatus(res) == PGRES_COMMAND_OK ? 0 : -1;
-    if (rc)
-        print_error("schema set-up failed: %s", PQerrorMessage(s_side));
-    PQclear(res);
-    s_next_epoch = (uint64_t)now_ms();
+    PQfinish(c);
     return rc;
 }
 
 static int s_group_teardown(void **state)
 {
     (void)state;
-    if (!s_side)
+    if (!s_conninfo)
         return 0;
-    char *sql = s_subst("DROP SCHEMA IF EXISTS {S} CASCADE");
-    PQclear(PQexec(s_side, sql));
-    free(sql);
-    PQfinish(s_side);
+    if (s_side)
+        PQfinish(s_side);
     s_side = NULL;
+    free(s_db_conninfo);
+    s_db_conninfo = NULL;
+    /* FORCE: a test that failed may have left a connection behind. */
+    char sql[128];
+    snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS %s WITH (FORCE)", s_dbname);
+    return s_admin(sql);
+}
+
+/* A database of our own with the registry's migrations applied, as the
+ * daemon applies them. */
+static int s_group_setup(void **state)
+{
+    if (!s_conninfo)
+        return 0;
+    char sql[128];
+    snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS %s WITH (FORCE)", s_dbname);
+    if (s_admin(sql) != 0)
+        return -1;
+    snprintf(sql, sizeof sql, "CREATE DATABASE %s", s_dbname);
+    if (s_admin(sql) != 0)
+        return -1;
+    s_db_conninfo = s_conninfo_with_db(s_conninfo, s_dbname);
+    if (!s_db_conninfo)
+        goto fail;
+    s_side = PQconnectdb(s_db_conninfo);
+    if (PQstatus(s_side) != CONNECTION_OK) {
+        print_error("cannot connect to %s: %s", s_dbname, PQerrorMessage(s_side));
+        goto fail;
+    }
+    PQclear(PQexec(s_side, "SET client_min_messages = warning"));
+    const char *dir = config_get("LINLI_REGISTRY_MIGRATIONS", S_MIGRATIONS);
+    if (migrate_apply(s_side, S_SCHEMA, dir) < 1) {
+        print_error("cannot apply the registry migrations from %s\n", dir);
+        goto fail;
+    }
+    /* Each test's epoch is above the one the migration gave the stream. */
+    s_next_epoch = (uint64_t)s_int("SELECT epoch FROM registry.outbox_stream "
+                                   "WHERE stream = '" S_STREAM "'");
+    if ((uint64_t)now_ms() > s_next_epoch)
+        s_next_epoch = (uint64_t)now_ms();
     return 0;
+fail:
+    s_group_teardown(state);
+    return -1;
 }
 
 static int s_setup(void **state)
@@ -572,12 +558,13 @@ static int s_setup(void **state)
     e->epoch = ++s_next_epoch;
     char sql[512];
     snprintf(sql, sizeof sql,
-             "DROP TRIGGER IF EXISTS outbox_refuse ON {S}.outbox; "
-             "DROP FUNCTION IF EXISTS {S}.s_refuse(); "
-             "TRUNCATE {S}.outbox; DELETE FROM {S}.outbox_stream; "
-             "INSERT INTO {S}.outbox_stream (stream, epoch) VALUES ('" S_STREAM "', %" PRIu64 ")",
+             "DROP TRIGGER IF EXISTS outbox_refuse ON registry.outbox; "
+             "DROP FUNCTION IF EXISTS registry.s_refuse(); "
+             "TRUNCATE registry.outbox; "
+             "UPDATE registry.outbox_stream SET epoch = %" PRIu64 " WHERE stream = '" S_STREAM "'",
              e->epoch);
     s_exec(sql);
+    assert_int_equal(s_int("SELECT count(*) FROM registry.outbox_stream"), 1);
     e->base = event_base_new();
     e->deadline = evtimer_new(e->base, s_on_deadline, e);
     e->zctx = zmq_ctx_new();
@@ -684,7 +671,7 @@ static void test_commit_order(void **state)
     long long xid_a = s_int_on(a, "SELECT txid_current()");
     assert_true(xid_b < xid_a);
     s_insert_rows(a, 1, 3);                         /* seq 3, 4, 5 */
-    assert_int_equal(s_int_on(a, "SELECT max(seq) FROM {S}.outbox"), 5);
+    assert_int_equal(s_int_on(a, "SELECT max(seq) FROM registry.outbox"), 5);
 
     /* b's event waits for a's turn; meanwhile nothing new is published. */
     s_emit_send(b, 21);
@@ -697,7 +684,7 @@ static void test_commit_order(void **state)
     s_exec_on(a, "COMMIT");
     S_RUN_UNTIL(e, r->n >= 5);
     s_finish(e, b);
-    assert_int_equal(s_int_on(b, "SELECT seq FROM {S}.outbox WHERE community_id = 21"), 6);
+    assert_int_equal(s_int_on(b, "SELECT seq FROM registry.outbox WHERE community_id = 21"), 6);
     s_run_for(e, 300);
     assert_int_equal(r->n, 5);                      /* b has not committed yet */
     s_exec_on(b, "COMMIT");
@@ -709,7 +696,7 @@ static void test_commit_order(void **state)
     s_check_table(6);
     /* Numbers follow the turn (commit) order, not transaction-id order: b's
      * one row is older by id than a's three but numbered after them. */
-    assert_int_equal(s_int("SELECT count(*) FROM {S}.outbox o1 JOIN {S}.outbox o2 "
+    assert_int_equal(s_int("SELECT count(*) FROM registry.outbox o1 JOIN registry.outbox o2 "
                            "ON o1.xmin::text::bigint < o2.xmin::text::bigint "
                            "AND o1.seq > o2.seq"),
                      3);
@@ -734,13 +721,13 @@ static void test_rollback_invisible(void **state)
     s_insert_tx(s_side, 1, 3, true);                /* seq 1..3 */
     s_exec("BEGIN");
     s_insert_rows(s_side, 1001, 5);
-    assert_int_equal(s_int("SELECT max(seq) FROM {S}.outbox"), 8); /* took 4..8 */
+    assert_int_equal(s_int("SELECT max(seq) FROM registry.outbox"), 8); /* took 4..8 */
     s_exec("ROLLBACK");
 
     /* A failing statement aborts the transaction: COMMIT then rolls back. */
     s_exec("BEGIN");
     s_insert_rows(s_side, 2001, 2);
-    assert_int_equal(s_int("SELECT max(seq) FROM {S}.outbox"), 5); /* took 4, 5 again */
+    assert_int_equal(s_int("SELECT max(seq) FROM registry.outbox"), 5); /* took 4, 5 again */
     PGresult *res = PQexec(s_side, "SELECT 1/0");
     assert_int_equal(PQresultStatus(res), PGRES_FATAL_ERROR);
     PQclear(res);
@@ -757,7 +744,7 @@ static void test_rollback_invisible(void **state)
     S_POLL_UNTIL(e, s_blocked_by(b, a));
     s_exec_on(a, "ROLLBACK");
     s_finish(e, b);
-    assert_int_equal(s_int_on(b, "SELECT seq FROM {S}.outbox WHERE community_id = 4"), 4);
+    assert_int_equal(s_int_on(b, "SELECT seq FROM registry.outbox WHERE community_id = 4"), 4);
     s_insert_rows(b, 5, 1);
     s_exec_on(b, "COMMIT");
 
@@ -766,7 +753,7 @@ static void test_rollback_invisible(void **state)
     s_run_for(e, 1300);
     s_check_range(r, 0, 1, 5, 1, e->epoch);
     s_check_table(5);
-    assert_int_equal(s_int("SELECT count(*) FROM {S}.outbox WHERE community_id > 1000"), 0);
+    assert_int_equal(s_int("SELECT count(*) FROM registry.outbox WHERE community_id > 1000"), 0);
     assert_int_equal(outbox_published(e->ob), 5);
 
     sub_destroy(&r->sub);
@@ -1079,7 +1066,8 @@ static void test_epoch_change(void **state)
     e->epoch = ++s_next_epoch;
     char sql[512];
     snprintf(sql, sizeof sql,
-             "TRUNCATE {S}.outbox; UPDATE {S}.outbox_stream SET epoch = %" PRIu64, e->epoch);
+             "TRUNCATE registry.outbox; UPDATE registry.outbox_stream SET epoch = %" PRIu64
+             " WHERE stream = '" S_STREAM "'", e->epoch);
     s_exec(sql);
     s_relay_start(e);
     s_insert_tx(s_side, 101, 5, true);
@@ -1103,7 +1091,8 @@ static void test_epoch_change(void **state)
      * new epoch (on its tick) and publishes the new history from 1. */
     e->epoch = ++s_next_epoch;
     snprintf(sql, sizeof sql,
-             "TRUNCATE {S}.outbox; UPDATE {S}.outbox_stream SET epoch = %" PRIu64, e->epoch);
+             "TRUNCATE registry.outbox; UPDATE registry.outbox_stream SET epoch = %" PRIu64
+             " WHERE stream = '" S_STREAM "'", e->epoch);
     s_exec(sql);
     s_insert_tx(s_side, 201, 3, true);
     S_RUN_UNTIL(e, r->epochs == 2 && r->n >= 18 && r2->epochs == 2 && r2->n >= 8);
@@ -1131,15 +1120,15 @@ static void test_commit_failure_not_published(void **state)
 {
     S_REQUIRE_PG();
     s_env_t *e = *state;
-    s_exec("CREATE FUNCTION {S}.s_refuse() RETURNS trigger LANGUAGE plpgsql AS $$\n"
+    s_exec("CREATE FUNCTION registry.s_refuse() RETURNS trigger LANGUAGE plpgsql AS $$\n"
            "BEGIN\n"
            "    IF NEW.community_id = 666 THEN\n"
            "        RAISE EXCEPTION 'refused at commit';\n"
            "    END IF;\n"
            "    RETURN NULL;\n"
            "END $$;\n"
-           "CREATE CONSTRAINT TRIGGER outbox_refuse AFTER INSERT ON {S}.outbox\n"
-           "    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {S}.s_refuse()");
+           "CREATE CONSTRAINT TRIGGER outbox_refuse AFTER INSERT ON registry.outbox\n"
+           "    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION registry.s_refuse()");
     s_relay_start(e);
     s_rec_t *r = s_sub_start(e, 0, 0, 0);
     S_RUN_UNTIL(e, sub_caught_up(r->sub));
@@ -1149,7 +1138,7 @@ static void test_commit_failure_not_published(void **state)
     s_exec("BEGIN");
     s_insert_rows(s_side, 4, 1);
     s_insert_rows(s_side, 666, 1);
-    assert_int_equal(s_int("SELECT max(seq) FROM {S}.outbox"), 5);
+    assert_int_equal(s_int("SELECT max(seq) FROM registry.outbox"), 5);
     PGresult *res = PQexec(s_side, "COMMIT");
     assert_int_equal(PQresultStatus(res), PGRES_FATAL_ERROR);
     PQclear(res);
@@ -1297,9 +1286,9 @@ static void test_new_fails(void **state)
 {
     S_REQUIRE_PG();
     s_env_t *e = *state;
-    outbox_t *o = outbox_new(e->base, s_conninfo, s_schema, "nosuchstream", "t", e->pub);
+    outbox_t *o = outbox_new(e->base, s_db_conninfo, S_SCHEMA, "nosuchstream", "t", e->pub);
     assert_null(o);
-    o = outbox_new(e->base, "host=/nonexistent port=1", s_schema, S_STREAM, "t", e->pub);
+    o = outbox_new(e->base, "host=/nonexistent port=1", S_SCHEMA, S_STREAM, "t", e->pub);
     assert_null(o);
     outbox_destroy(&o); /* accepts NULL */
     outbox_destroy(NULL);
@@ -1313,7 +1302,7 @@ int main(void)
         s_conninfo = NULL;
     if (!s_conninfo)
         printf("# LINLI_TEST_PG is not set: skipping the tests that need PostgreSQL\n");
-    snprintf(s_schema, sizeof s_schema, "test_outbox_%d", (int)getpid());
+    snprintf(s_dbname, sizeof s_dbname, "test_outbox_%d", (int)getpid());
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_live_in_order, s_setup, s_teardown),
         cmocka_unit_test_setup_teardown(test_commit_order, s_setup, s_teardown),
