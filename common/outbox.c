@@ -82,6 +82,15 @@ static void s_publish(outbox_t *o, const Linli__Envelope *e)
 
 static void s_read(outbox_t *o);
 
+/* History restarted (a new stream row): publish from its first event;
+ * subscribers see the epoch change and reset. */
+static void s_epoch_reset(outbox_t *o, uint64_t epoch)
+{
+    log_warn("outbox", "stream epoch changed old=%" PRIu64 " new=%" PRIu64, o->epoch, epoch);
+    o->epoch = epoch;
+    o->last_seq = 0;
+}
+
 /* Rows come from committed transactions only, and never past a number
  * whose lower numbers are not visible yet (see the outbox table), so they
  * go out as they arrive. */
@@ -94,12 +103,7 @@ static void s_on_read(const PGresult *res, void *arg)
     for (int i = 0; i < n; i++) {
         Linli__Envelope *e = s_row_envelope(o, res, i);
         if (e->epoch != o->epoch) {
-            /* History restarted (a new stream row): start over from its
-             * first event; subscribers see the epoch change and reset. */
-            log_warn("outbox", "stream epoch changed old=%" PRIu64 " new=%" PRIu64, o->epoch,
-                     e->epoch);
-            o->epoch = e->epoch;
-            o->last_seq = 0;
+            s_epoch_reset(o, e->epoch);
             o->again = true;
             protobuf_c_message_free_unpacked(&e->base, NULL);
             break;
@@ -267,9 +271,7 @@ static void s_on_tick_state(const PGresult *res, void *arg)
     uint64_t epoch = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
     if (epoch == o->epoch)
         return;
-    log_warn("outbox", "stream epoch changed old=%" PRIu64 " new=%" PRIu64, o->epoch, epoch);
-    o->epoch = epoch;
-    o->last_seq = 0;
+    s_epoch_reset(o, epoch);
     s_read(o);
 }
 

@@ -128,8 +128,8 @@ def test_relay_restart_mid_stream(s):
     cid, aid, p = setup_festival(c, capacity=200, walk_in=True)
     people = register(c, cid, 80, "rr")
     tok = checkin_all(s, c, aid, people[:40], "gate-4")
-    # Stop the registry (and with it the relay) while rows may be unclaimed,
-    # then start it again: the new relay continues the same sequence.
+    # Stop the registry (and with it the relay) while events may be unpublished,
+    # then start it again: subscribers replay what the old relay never sent.
     s.stop("registry", sig=signal.SIGKILL)
     s.start("registry")
     c = s.client()

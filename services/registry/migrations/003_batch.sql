@@ -157,7 +157,7 @@ BEGIN
                -- per person, not per (subject, person): a fast row's events
                -- are written before the slow rows', and must not overtake
                -- an earlier scan of the same person at another subject
-               count(*) OVER (PARTITION BY p.person) AS n_pair,
+               count(*) OVER (PARTITION BY p.person) AS n_person,
                count(*) OVER (PARTITION BY p.device, p.counter) AS n_nonce,
                count(*) OVER (PARTITION BY p.key) AS n_key
           FROM parsed p
@@ -169,7 +169,7 @@ BEGIN
                  AND (f.expected = 0 OR f.expected = f.subject)
                  AND f.canon
                  AND octet_length(f.device) <= 64 AND octet_length(f.key) <= 256
-                 AND f.n_pair = 1 AND (f.device = '' OR f.n_nonce = 1)
+                 AND f.n_person = 1 AND (f.device = '' OR f.n_nonce = 1)
                  AND (f.key = '' OR f.n_key = 1), false) AS is_fast
           FROM counted f
     ), fast AS (
