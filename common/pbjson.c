@@ -157,32 +157,6 @@ static int s_b64_decode(const char *s, size_t len, ProtobufCBinaryData *out)
 
 /* ---- message to JSON ---- */
 
-/* Length of the well-formed UTF-8 sequence at p (n bytes left), or 0. */
-static size_t s_utf8_len(const unsigned char *p, size_t n)
-{
-    static const uint32_t min[] = {0, 0, 0x80, 0x800, 0x10000};
-    size_t len;
-    uint32_t cp;
-    if (p[0] < 0x80)
-        return 1;
-    if ((p[0] & 0xe0) == 0xc0)
-        len = 2, cp = p[0] & 0x1f;
-    else if ((p[0] & 0xf0) == 0xe0)
-        len = 3, cp = p[0] & 0x0f;
-    else if ((p[0] & 0xf8) == 0xf0)
-        len = 4, cp = p[0] & 0x07;
-    else
-        return 0;
-    if (len > n)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((p[i] & 0xc0) != 0x80)
-            return 0;
-        cp = cp << 6 | (p[i] & 0x3f);
-    }
-    return cp < min[len] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff) ? 0 : len;
-}
-
 /* protobuf-c does not check that an unpacked string is UTF-8 and jansson
  * refuses one that is not, so a peer's bad bytes become U+FFFD here rather
  * than a missing field or invalid JSON. */
@@ -196,7 +170,7 @@ static json_t *s_json_string(const char *s)
     char *buf = xmalloc(n * 3 + 1);
     size_t o = 0;
     for (size_t i = 0; i < n;) {
-        size_t k = s_utf8_len(p + i, n - i);
+        size_t k = utf8_seq_len(p + i, n - i);
         memcpy(buf + o, k ? (const char *)p + i : "\xef\xbf\xbd", k ? k : 3);
         o += k ? k : 3;
         i += k ? k : 1;

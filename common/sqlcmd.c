@@ -16,6 +16,7 @@ typedef struct s_item {
     char *json;               /* {"n": name, "k": key, "a": args, "c": ctx} */
     size_t json_len;
     bool single;              /* run alone: its batch failed once */
+    char *vals;               /* lane command: its quoted array elements, each NUL-ended */
     /* filled from the result row */
     char *code, *message, *result;
     bool got_row;
@@ -26,7 +27,7 @@ struct sqlcmd {
     cmdsrv_t *srv;
     db_t *db;
     sqlcmd_opts_t opts;
-    char *sql;                /* SELECT ... FROM <schema>.exec_batch($1) */
+    char *sql;                /* SELECT ... FROM <schema>.exec_batch($1, lanes) */
     s_item_t *head, *tail;    /* queue, FIFO */
     int queued;
     s_item_t *flight;         /* the batch in the database */
@@ -34,6 +35,9 @@ struct sqlcmd {
     s_item_t **slots;         /* the batch by position, batch_max entries */
     char *buf;                /* the batch's JSON array, reused */
     size_t buf_cap;
+    int ncols;                /* lane arrays, 4 + the lane's columns; 0: no lane */
+    char *col[4 + SQLCMD_LANE_MAX];   /* the batch's lane arrays, reused */
+    size_t col_len[4 + SQLCMD_LANE_MAX], col_cap[4 + SQLCMD_LANE_MAX];
     bool closing;             /* sqlcmd_close called */
     unsigned long long batches, commands, retried, failed;
 };
@@ -42,6 +46,7 @@ static void s_item_free(s_item_t *it)
 {
     free(it->name);
     free(it->json);
+    free(it->vals);
     free(it->code);
     free(it->message);
     free(it->result);
@@ -189,6 +194,19 @@ static void s_on_done(int status, const char *errmsg, void *arg)
     s_pump(q);
 }
 
+static void s_col_append(sqlcmd_t *q, int c, const char *s, size_t n)
+{
+    if (q->col_len[c] + n > q->col_cap[c]) {
+        size_t cap = q->col_cap[c] ? q->col_cap[c] : 4096;
+        while (cap < q->col_len[c] + n)
+            cap *= 2;
+        q->col[c] = xrealloc(q->col[c], cap);
+        q->col_cap[c] = cap;
+    }
+    memcpy(q->col[c] + q->col_len[c], s, n);
+    q->col_len[c] += n;
+}
+
 static void s_pump(sqlcmd_t *q)
 {
     if (q->flight || !q->head || q->closing)
@@ -226,9 +244,29 @@ static void s_pump(sqlcmd_t *q)
     }
     *p++ = ']';
     *p = '\0';
-    const char *params[1] = { q->buf };
+    const char *params[1 + 4 + SQLCMD_LANE_MAX] = { q->buf };
+    if (q->ncols) {
+        for (int c = 0; c < q->ncols; c++) {
+            q->col_len[c] = 0;
+            s_col_append(q, c, "{", 1);
+        }
+        for (int i = 0; i < n; i++) {
+            const char *v = q->slots[i]->vals;
+            for (int c = 0; v && c < q->ncols; c++) {
+                size_t vl = strlen(v);
+                if (q->col_len[c] > 1)
+                    s_col_append(q, c, ",", 1);
+                s_col_append(q, c, v, vl);
+                v += vl + 1;
+            }
+        }
+        for (int c = 0; c < q->ncols; c++) {
+            s_col_append(q, c, "}", 2);   /* with the NUL */
+            params[1 + c] = q->col[c];
+        }
+    }
     db_batch_t *b = db_batch_new(true);
-    db_batch_add(b, q->sql, 1, params, s_on_rows, q);
+    db_batch_add(b, q->sql, 1 + q->ncols, params, s_on_rows, q);
     db_batch_submit(q->db, &b, s_on_done, q);
 }
 
@@ -255,8 +293,30 @@ sqlcmd_t *sqlcmd_new(cmdsrv_t *srv, db_t *db, const sqlcmd_opts_t *opts)
     q->opts = *opts;
     if (q->opts.queue_max < q->opts.batch_max)
         q->opts.queue_max = q->opts.batch_max * 64;
-    q->sql = xasprintf("SELECT i, code, message, result FROM %s.exec_batch($1::jsonb)",
-                       opts->schema);
+    if (opts->lane) {
+        const sqlcmd_lane_t *l = opts->lane;
+        if (!l->name || l->ncols < 1 || l->ncols > SQLCMD_LANE_MAX) {
+            log_error("sqlcmd", "bad lane name=%s ncols=%d", l->name ? l->name : "", l->ncols);
+            free(q);
+            return NULL;
+        }
+        char params[1024] = "$1::jsonb, $2::text[], $3::bigint[], $4::text[], $5::text[]";
+        for (int c = 0; c < l->ncols; c++) {
+            if (!s_ident_ok(l->types[c])) {
+                log_error("sqlcmd", "bad lane column type=%s", l->types[c] ? l->types[c] : "");
+                free(q);
+                return NULL;
+            }
+            size_t used = strlen(params);
+            snprintf(params + used, sizeof params - used, ", $%d::%s[]", 6 + c, l->types[c]);
+        }
+        q->ncols = 4 + l->ncols;
+        q->sql = xasprintf("SELECT i, code, message, result FROM %s.exec_batch(%s)", opts->schema,
+                           params);
+    } else {
+        q->sql = xasprintf("SELECT i, code, message, result FROM %s.exec_batch($1::jsonb)",
+                           opts->schema);
+    }
     q->slots = xcalloc((size_t)q->opts.batch_max, sizeof *q->slots);
     return q;
 }
@@ -290,8 +350,21 @@ void sqlcmd_destroy(sqlcmd_t **q_p)
     free(q->sql);
     free(q->slots);
     free(q->buf);
+    for (int c = 0; c < 4 + SQLCMD_LANE_MAX; c++)
+        free(q->col[c]);
     free(q);
     *q_p = NULL;
+}
+
+static void s_enqueue(sqlcmd_t *q, s_item_t *it)
+{
+    if (q->tail)
+        q->tail->next = it;
+    else
+        q->head = it;
+    q->tail = it;
+    q->queued++;
+    s_pump(q);
 }
 
 void sqlcmd_submit(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name, json_t **args_p)
@@ -329,13 +402,69 @@ void sqlcmd_submit(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name, json_t *
         return;
     }
     it->json_len = strlen(it->json);
-    if (q->tail)
-        q->tail->next = it;
-    else
-        q->head = it;
-    q->tail = it;
-    q->queued++;
-    s_pump(q);
+    s_enqueue(q, it);
+}
+
+/* Appends s as a quoted array element, "..." with \ before " and \, and its
+ * NUL. Returns -1 when s is not UTF-8. */
+static int s_quote(char **buf, size_t *len, size_t *cap, const char *s)
+{
+    size_t n = strlen(s);
+    if (!utf8_valid(s, n))
+        return -1;
+    if (*len + 2 * n + 3 > *cap) {
+        *cap = (*len + 2 * n + 3) * 2;
+        *buf = xrealloc(*buf, *cap);
+    }
+    char *p = *buf + *len;
+    *p++ = '"';
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '"' || s[i] == '\\')
+            *p++ = '\\';
+        *p++ = s[i];
+    }
+    *p++ = '"';
+    *p++ = '\0';
+    *len = (size_t)(p - *buf);
+    return 0;
+}
+
+int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *cols)
+{
+    if (!q->ncols)
+        return -1;
+    const Linli__Envelope *env = *req_p ? cmdsrv_req_envelope(*req_p) : NULL;
+    char now[24];
+    snprintf(now, sizeof now, "%lld", (long long)now_ms());
+    const char *fixed[4] = { env && env->idempotency_key ? env->idempotency_key : "", now,
+                             env && env->trace_id ? env->trace_id : "",
+                             env && env->source ? env->source : "internal" };
+    char *vals = NULL;
+    size_t len = 0, cap = 0;
+    int bad = 0;
+    for (int c = 0; c < q->ncols && !bad; c++)
+        bad = s_quote(&vals, &len, &cap, c < 4 ? fixed[c] : cols[c - 4]);
+    if (bad) {
+        free(vals);
+        return -1;
+    }
+    if (q->queued >= q->opts.queue_max) {
+        free(vals);
+        cmdsrv_req_t *req = *req_p;
+        *req_p = NULL;
+        if (req)
+            cmdsrv_reply_error(q->srv, &req, "overloaded", "too many commands queued; retry later");
+        return 0;
+    }
+    s_item_t *it = xcalloc(1, sizeof *it);
+    it->req = *req_p;
+    *req_p = NULL;
+    it->name = xstrdup(q->opts.lane->name);
+    it->json = xstrdup("null");
+    it->json_len = 4;
+    it->vals = vals;
+    s_enqueue(q, it);
+    return 0;
 }
 
 int sqlcmd_pending(const sqlcmd_t *q)

@@ -10,6 +10,15 @@
  * same transaction, so a retried command gets the first reply, even after a
  * restart. ctx is {"now": ms, "trace_id", "source"}.
  *
+ * A lane carries one command in columns instead of JSON, for a flood of one
+ * plain command (check-ins): the database then reads typed arrays instead of
+ * parsing JSON per command. A lane command stands in $1 as a JSON null, and
+ * the batch is
+ *     SELECT ... FROM <schema>.exec_batch($1::jsonb, $2::text[], $3::bigint[],
+ *                                          $4::text[], $5::text[], $6::<type>[], ...)
+ * where row k of the arrays belongs to the k-th null of $1: its idempotency
+ * key, ctx now, trace id and source, then the lane's own columns.
+ *
  * If a batch fails as a whole (an unexpected error in one command aborts the
  * transaction), its commands are run again one per transaction, so only the
  * faulty one gets an "internal" error and the others are unaffected. */
@@ -31,12 +40,21 @@ typedef int(sqlcmd_finish_fn)(const char *name, json_t *reply, void *arg);
 /* Called after each committed batch (e.g. to wake the outbox relay). */
 typedef void(sqlcmd_commit_fn)(void *arg);
 
+#define SQLCMD_LANE_MAX 12       /* columns of a lane after the four every lane has */
+
+typedef struct {
+    const char *name;            /* the command the lane carries, "scan" */
+    int ncols;                   /* 1..SQLCMD_LANE_MAX */
+    const char *types[SQLCMD_LANE_MAX]; /* SQL type of each column: "bigint", "text" */
+} sqlcmd_lane_t;
+
 typedef struct {
     const char *schema;          /* "registry" */
     int batch_max;               /* commands per transaction, >= 1 */
     int queue_max;               /* queued beyond this: "overloaded" replies */
     sqlcmd_finish_fn *finish;    /* may be NULL */
     sqlcmd_commit_fn *committed; /* may be NULL */
+    const sqlcmd_lane_t *lane;   /* NULL: no lane; else borrowed, must outlive the executor */
     void *arg;
 } sqlcmd_opts_t;
 
@@ -55,6 +73,13 @@ void sqlcmd_destroy(sqlcmd_t **q_p);
  * both. A NULL *req_p is an internal command (such as a periodic sweep): it
  * runs without an idempotency key and its reply is dropped. */
 void sqlcmd_submit(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name, json_t **args_p);
+
+/* Queues the request as a lane command: cols holds the lane's ncols values
+ * as text (numbers in decimal), borrowed. Takes ownership of *req_p, NULLing
+ * it. Returns 0, or -1 (nothing taken) when there is no lane or a value, the
+ * idempotency key, the trace id or the source is not UTF-8: the caller then
+ * submits the command as JSON. */
+int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *cols);
 
 /* Commands queued or in the database. */
 int sqlcmd_pending(const sqlcmd_t *q);

@@ -29,6 +29,12 @@ int64_t now_ms(void);
 /* Monotonic clock in microseconds, for measuring intervals. */
 int64_t mono_us(void);
 
+/* Length of the well-formed UTF-8 sequence at p (n > 0 bytes left), or 0
+ * when it is not one (overlong, surrogate, past U+10FFFF, cut short). */
+size_t utf8_seq_len(const unsigned char *p, size_t n);
+/* 1 when the n bytes at s are well-formed UTF-8, else 0. */
+int utf8_valid(const char *s, size_t n);
+
 /* Writes a new random (v4) UUID as 36 characters plus NUL into out. */
 void uuid_new(char out[37]);
 /* 1 when s is a UUID in canonical text form, else 0. */

@@ -79,43 +79,78 @@ done:
 
 /* ---- commands ---- */
 
-/* The JSON arguments for one scan: its own fields plus what only we can
- * know, the token's verdict and claims, checked at the time of the scan so a
- * scanner that was offline can upload later. Returns NULL with a reason on
- * input that no scan could have produced. */
-static json_t *s_scan_args(registry_t *r, const Linli__Scan *scan, int64_t now,
-                           const char **why)
+/* Checks a scan against what no scanner could have sent and verifies its
+ * token, at the time of the scan so a scanner that was offline can upload
+ * later. Returns 0 with the scan's time, verdict and claims, or -1 with a
+ * reason. */
+static int s_scan_check(registry_t *r, const Linli__Scan *scan, int64_t now, int64_t *at,
+                        token_verdict_t *v, token_claims_t *c, const char **why)
 {
-    int64_t at = scan->scanned_at ? scan->scanned_at : now;
-    if (at > now + S_MAX_SKEW_MS) {
+    *at = scan->scanned_at ? scan->scanned_at : now;
+    if (*at > now + S_MAX_SKEW_MS) {
         *why = "scanned_at is in the future";
-        return NULL;
+        return -1;
     }
-    if (at < now - S_MAX_OFFLINE_MS) {
+    if (*at < now - S_MAX_OFFLINE_MS) {
         *why = "scanned_at is more than 30 days old";
-        return NULL;
+        return -1;
     }
     if (strlen(scan->device_id) > S_MAX_DEVICE_ID) {
         *why = "device_id is longer than 64 bytes";
-        return NULL;
+        return -1;
     }
     if (scan->person_id <= 0) {
         *why = "person_id must be positive";
-        return NULL;
+        return -1;
     }
-    token_claims_t c = { 0 };
-    token_verdict_t v = token_verify(scan->token, strlen(scan->token), r->secret, r->secret_len,
-                                     at, &c);
+    *c = (token_claims_t){ 0 };
+    *v = token_verify(scan->token, strlen(scan->token), r->secret, r->secret_len, *at, c);
+    return 0;
+}
+
+/* The JSON arguments for one checked scan: its own fields plus what only we
+ * can know, the token's verdict and claims. */
+static json_t *s_scan_json(const Linli__Scan *scan, int64_t at, token_verdict_t v,
+                           const token_claims_t *c)
+{
     json_t *a = pbjson_from_message(&scan->base);
     json_object_del(a, "token");  /* its verdict and claims stand for it */
     json_object_set_new(a, "scanned_at", json_integer(at));
     json_object_set_new(a, "verdict", json_string(token_verdict_name(v)));
     if (v == TOKEN_OK || v == TOKEN_EXPIRED) {
-        json_object_set_new(a, "kind", json_string(c.kind == TOKEN_STATION ? "s" : "a"));
-        json_object_set_new(a, "subject_id", json_integer(c.id));
-        json_object_set_new(a, "community_id", json_integer(c.community_id));
+        json_object_set_new(a, "kind", json_string(c->kind == TOKEN_STATION ? "s" : "a"));
+        json_object_set_new(a, "subject_id", json_integer(c->id));
+        json_object_set_new(a, "community_id", json_integer(c->community_id));
     }
     return a;
+}
+
+/* The scan lane (004_lanes.sql): person, activity, its community, device,
+ * counter (two's-complement), scanned_at, expected_id. */
+static const sqlcmd_lane_t s_scan_lane = {
+    .name = "scan",
+    .ncols = 7,
+    .types = { "bigint", "bigint", "bigint", "text", "bigint", "bigint", "bigint" },
+};
+
+/* The flood's plain case, an entry scan of a valid activity token for the
+ * activity the scanner expects, goes in the scan lane; everything else as
+ * JSON. Returns 0 when the request was taken. */
+static int s_scan_lane_submit(registry_t *r, cmdsrv_req_t **req, const Linli__Scan *scan,
+                              int64_t at, token_verdict_t v, const token_claims_t *c)
+{
+    if (scan->direction != LINLI__DIRECTION__DIRECTION_ENTRY || v != TOKEN_OK ||
+        c->kind != TOKEN_ACTIVITY || (scan->expected_id != 0 && scan->expected_id != c->id))
+        return -1;
+    char num[6][24];
+    snprintf(num[0], sizeof num[0], "%lld", (long long)scan->person_id);
+    snprintf(num[1], sizeof num[1], "%lld", (long long)c->id);
+    snprintf(num[2], sizeof num[2], "%lld", (long long)c->community_id);
+    snprintf(num[3], sizeof num[3], "%lld", (long long)(int64_t)scan->counter);
+    snprintf(num[4], sizeof num[4], "%lld", (long long)at);
+    snprintf(num[5], sizeof num[5], "%lld", (long long)scan->expected_id);
+    const char *cols[7] = { num[0], num[1], num[2], scan->device_id, num[3], num[4], num[5] };
+    return sqlcmd_submit_lane(r->cmds, req, cols);
 }
 
 static void s_on_command(cmdsrv_t *srv, cmdsrv_req_t *req, void *arg)
@@ -131,9 +166,17 @@ static void s_on_command(cmdsrv_t *srv, cmdsrv_req_t *req, void *arg)
     case LINLI__COMMAND__COMMAND_REPLAY:
         outbox_replay(r->outbox, srv, &req);
         return;
-    case LINLI__COMMAND__COMMAND_SCAN:
-        args = s_scan_args(r, cmd->scan, now, &why);
+    case LINLI__COMMAND__COMMAND_SCAN: {
+        int64_t at;
+        token_verdict_t v;
+        token_claims_t c;
+        if (s_scan_check(r, cmd->scan, now, &at, &v, &c, &why) != 0)
+            break;
+        if (s_scan_lane_submit(r, &req, cmd->scan, at, v, &c) == 0)
+            return;
+        args = s_scan_json(cmd->scan, at, v, &c);
         break;
+    }
     case LINLI__COMMAND__COMMAND_UPLOAD_SCANS: {
         const Linli__UploadScans *up = cmd->upload_scans;
         if (up->n_scans == 0 || up->n_scans > S_MAX_UPLOAD) {
@@ -142,9 +185,11 @@ static void s_on_command(cmdsrv_t *srv, cmdsrv_req_t *req, void *arg)
         }
         json_t *list = json_array();
         for (size_t i = 0; i < up->n_scans && !why; i++) {
-            json_t *a = s_scan_args(r, up->scans[i], now, &why);
-            if (a)
-                json_array_append_new(list, a);
+            int64_t at;
+            token_verdict_t v;
+            token_claims_t c;
+            if (s_scan_check(r, up->scans[i], now, &at, &v, &c, &why) == 0)
+                json_array_append_new(list, s_scan_json(up->scans[i], at, v, &c));
         }
         args = json_pack("{s:o}", "scans", list);
         if (why)
@@ -322,7 +367,8 @@ registry_t *registry_new(struct event_base *base)
     if (!r->srv)
         goto fail;
     sqlcmd_opts_t opts = { .schema = S_SCHEMA, .batch_max = (int)batch_max,
-                           .finish = s_finish, .committed = s_on_committed, .arg = r };
+                           .finish = s_finish, .committed = s_on_committed,
+                           .lane = &s_scan_lane, .arg = r };
     r->cmds = sqlcmd_new(r->srv, r->db, &opts);
     if (!r->cmds)
         goto fail;

@@ -263,6 +263,45 @@ def test_checkin_tokens_nonce_and_refusals(s):
         assert reason in refused, refused
 
 
+def test_scan_lane_keeps_every_value(s):
+    """Plain entry scans travel in columns (the scan lane): scanner ids and
+    keys with the characters array literals quote, uint64 counters past
+    INT64_MAX, retries by key and by nonce, and a scanner id that is not
+    UTF-8 (which goes as JSON, with U+FFFD for the bad bytes)."""
+    s.start("registry")
+    c = s.client()
+    cid, aid, p = setup_festival(c, capacity=8, walk_in=True)
+    token = c.call("issue_token", {"activity_id": aid, "valid_seconds": 3600})["issue_token"]["token"]
+    odd = ['北门 "A" \\ {1,2}', "NULL", "", "gate,with,commas"]
+    big = 2 ** 64 - 1
+    for i, dev in enumerate(odd):
+        key = 'k"%d\\{x}' % i
+        scan = {"token": token, "person_id": p[i], "device_id": dev, "counter": str(big - i),
+                "expected_id": aid}
+        r1 = c.call("scan", scan, key=key)
+        assert r1["ok"] and r1["scan"]["accepted"], (dev, r1)
+        r2 = c.call("scan", scan, key=key)            # the same command again
+        assert dict(r2, request_id="") == dict(r1, request_id=""), (dev, r1, r2)
+        if dev:                                       # the same scan under a new key
+            r3 = c.call("scan", scan)
+            assert r3["scan"]["checkin_id"] == r1["scan"]["checkin_id"], (dev, r1, r3)
+        row = s.sql("SELECT device_id || '|' || counter FROM registry.scans WHERE person_id = %d"
+                    % p[i])
+        assert row == "%s|%d" % (dev, big - i - 2 ** 64), (dev, row)
+        assert s.sql("SELECT count(*) FROM registry.checkins WHERE person_id = %d AND device_id = %s"
+                      % (p[i], "$q$%s$q$" % dev)) == "1", dev
+        assert s.sql("SELECT count(*) FROM registry.command_log WHERE key = $q$%s$q$" % key) == "1"
+    ev = s.sql("SELECT payload::json ->> 'device_id' FROM registry.outbox WHERE type = 'checked_in'"
+               " AND (payload::json ->> 'person_id')::bigint = %d" % p[0])
+    assert ev == odd[0], ev
+    # Bytes that are not UTF-8 in the scanner id: patched into the frame.
+    env = c.envelope("scan", {"token": token, "person_id": p[5], "device_id": "QQQQ", "counter": 1})
+    c.send_raw(env.SerializeToString().replace(b"QQQQ", b"Q\xff\xfeQ"))
+    r = c.recv_envelope()
+    assert r.reply.ok and r.reply.request_id == env.id, r
+    assert s.sql("SELECT device_id FROM registry.scans WHERE person_id = %d" % p[5]) == "Q\ufffd\ufffdQ"
+
+
 def test_offline_upload_keeps_original_times(s):
     s.start("registry")
     c = s.client()

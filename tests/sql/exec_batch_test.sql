@@ -3,10 +3,12 @@
 -- Runs on a fresh copy of a database with every service's migrations applied
 -- (scripts/test, "SQL tests"): psql -v ON_ERROR_STOP=1 -f this file.
 --
--- The contract of registry.exec_batch (003_batch.sql): its replies, and the
+-- The contract of registry.exec_batch (004_lanes.sql): its replies, and the
 -- state it leaves, are those of running the same commands one after another
 -- through registry.exec, except that generated ids (check-in ids, outbox
--- numbers) may be assigned in another order. This file builds a fixture
+-- numbers) may be assigned in another order. Batches go to it as the daemon
+-- sends them, entry scans of verified activity tokens in the scan lane
+-- (t.lane). This file builds a fixture
 -- through registry.exec, generates batches of scan commands with a seeded
 -- pseudo-random generator (entry scans for the set-based fast path mixed with
 -- everything that must leave it: people not signed up, unknown people and
@@ -641,16 +643,109 @@ BEGIN
 END
 $$;
 
--- As one statement through registry.exec_batch: its rows, as returned
+-- An integral JSON number within bigint, else NULL.
+CREATE FUNCTION t.jint(p_j jsonb) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN jsonb_typeof(p_j) = 'number'
+                     AND (p_j #>> '{}')::numeric = trunc((p_j #>> '{}')::numeric)
+                     AND (p_j #>> '{}')::numeric BETWEEN -9223372036854775808 AND 9223372036854775807
+                THEN (p_j #>> '{}')::numeric::bigint END
+$$;
+
+-- A scan counter as the daemon has it, a uint64 (a JSON number, or a decimal
+-- string as pbjson writes one past INT64_MAX, or absent: 0), stored
+-- two's-complement; NULL for anything else.
+CREATE FUNCTION t.jctr(p_j jsonb) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN v IS NULL OR v <> trunc(v) OR v < 0 OR v > 18446744073709551615 THEN NULL
+                WHEN v > 9223372036854775807 THEN (v - 18446744073709551616)::bigint
+                ELSE v::bigint END
+      FROM (SELECT CASE WHEN p_j IS NULL THEN 0
+                        WHEN jsonb_typeof(p_j) = 'number' THEN (p_j #>> '{}')::numeric
+                        WHEN jsonb_typeof(p_j) = 'string' AND p_j #>> '{}' ~ '^[0-9]{1,20}$'
+                            THEN (p_j #>> '{}')::numeric
+                   END AS v) x
+$$;
+
+-- The batch as the daemon sends it (registry.c, s_scan_lane_submit): every
+-- scan it would put in the scan lane, an entry scan of a verified activity
+-- token for the activity the scanner expects, as a JSON null in cmds and a
+-- row of the lane's arrays; everything else as it is. The JSON the daemon
+-- writes from protobuf has only the Scan fields with their JSON types;
+-- anything else here was never daemon output and stays JSON.
+CREATE FUNCTION t.lane(p_cmds jsonb,
+    OUT cmds jsonb, OUT key text[], OUT now bigint[], OUT trace text[], OUT source text[],
+    OUT person bigint[], OUT subject bigint[], OUT community bigint[], OUT device text[],
+    OUT counter bigint[], OUT at bigint[], OUT expected bigint[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    e    jsonb;
+    a    jsonb;
+    c    jsonb;
+    v_now bigint;
+BEGIN
+    cmds := '[]';
+    key := '{}'; now := '{}'; trace := '{}'; source := '{}'; person := '{}'; subject := '{}';
+    community := '{}'; device := '{}'; counter := '{}'; at := '{}'; expected := '{}';
+    FOR e IN SELECT x.e FROM jsonb_array_elements(p_cmds) WITH ORDINALITY AS x (e, ord)
+              ORDER BY x.ord LOOP
+        a := e -> 'a';
+        c := e -> 'c';
+        v_now := t.jint(c -> 'now');
+        IF e ->> 'n' = 'scan' AND jsonb_typeof(a) = 'object' AND jsonb_typeof(c) = 'object'
+           AND NOT EXISTS (SELECT 1 FROM jsonb_object_keys(a) k
+                            WHERE k NOT IN ('verdict', 'kind', 'subject_id', 'community_id',
+                                            'person_id', 'device_id', 'counter', 'scanned_at',
+                                            'expected_id', 'direction'))
+           AND a -> 'verdict' = '"ok"' AND a -> 'kind' = '"a"'
+           AND t.jint(a -> 'subject_id') > 0 AND t.jint(a -> 'community_id') IS NOT NULL
+           AND t.jint(a -> 'person_id') > 0
+           AND coalesce(jsonb_typeof(a -> 'device_id') = 'string'
+                        AND octet_length(a ->> 'device_id') <= 64, a -> 'device_id' IS NULL)
+           AND t.jctr(a -> 'counter') IS NOT NULL
+           AND t.jint(a -> 'scanned_at') >= 0
+           AND coalesce(t.jint(a -> 'expected_id') IN (0, t.jint(a -> 'subject_id')),
+                        a -> 'expected_id' IS NULL)
+           AND coalesce(a -> 'direction' IN ('"DIRECTION_ENTRY"', '0'), a -> 'direction' IS NULL)
+           AND coalesce(jsonb_typeof(e -> 'k') = 'string', e -> 'k' IS NULL)
+           AND coalesce(jsonb_typeof(c -> 'trace_id') = 'string', c -> 'trace_id' IS NULL)
+           AND coalesce(jsonb_typeof(c -> 'source') = 'string', c -> 'source' IS NULL)
+           AND v_now IS NOT NULL THEN
+            cmds := cmds || 'null'::jsonb;
+            key := key || coalesce(e ->> 'k', '');
+            now := now || v_now;
+            trace := trace || coalesce(c ->> 'trace_id', '');
+            source := source || coalesce(c ->> 'source', '');
+            person := person || t.jint(a -> 'person_id');
+            subject := subject || t.jint(a -> 'subject_id');
+            community := community || t.jint(a -> 'community_id');
+            device := device || coalesce(a ->> 'device_id', '');
+            counter := counter || t.jctr(a -> 'counter');
+            -- the daemon resolves a missing time to now before it sends
+            at := at || CASE WHEN t.jint(a -> 'scanned_at') = 0 THEN v_now
+                             ELSE t.jint(a -> 'scanned_at') END;
+            expected := expected || coalesce(t.jint(a -> 'expected_id'), 0);
+        ELSE
+            cmds := cmds || jsonb_build_array(e);
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- As one statement through registry.exec_batch, in the daemon's form: its
+-- rows, as returned
 CREATE FUNCTION t.run_batch(p_cmds jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     out jsonb;
+    l   record;
 BEGIN
+    l := t.lane(p_cmds);
     SELECT coalesce(jsonb_agg(jsonb_build_object('i', x.i, 'code', x.code, 'message', x.message,
                                                  'result', x.result)), '[]')
       INTO out
-      FROM registry.exec_batch(p_cmds) x;
+      FROM registry.exec_batch(l.cmds, l.key, l.now, l.trace, l.source, l.person, l.subject,
+                               l.community, l.device, l.counter, l.at, l.expected) x;
     RETURN out;
 END
 $$;
@@ -737,35 +832,42 @@ LANGUAGE sql IMMUTABLE AS $$
                            EXCEPT ALL SELECT e FROM jsonb_array_elements(p_a) e) d LIMIT 6) d))
 $$;
 
--- Scans the fast path answers when the batch's runs are each given to it on
--- the starting state (approximate; only to show the generator reaches it).
--- The caller rolls back.
+-- Scans the fast path answers when the batch's lane runs are each given to
+-- it on the starting state (approximate; only to show the generator reaches
+-- it). The caller rolls back.
 CREATE FUNCTION t.fast_count(p_cmds jsonb) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_n  integer := jsonb_array_length(p_cmds);
+    l    record;
+    v_n  integer;
     v_i  integer := 0;
     v_j  integer;
+    v_r  integer := 0;   -- lane rows used
     v_f  integer := 0;
     k    integer;
 BEGIN
-
+    l := t.lane(p_cmds);
+    v_n := jsonb_array_length(l.cmds);
     WHILE v_i < v_n LOOP
+        IF jsonb_typeof(l.cmds -> v_i) <> 'null' THEN
+            v_i := v_i + 1;
+            CONTINUE;
+        END IF;
         v_j := v_i;
-        WHILE v_j < v_n AND p_cmds -> v_j ->> 'n' = 'scan' LOOP
+        WHILE v_j < v_n AND jsonb_typeof(l.cmds -> v_j) = 'null' LOOP
             v_j := v_j + 1;
         END LOOP;
-        IF v_j - v_i >= 8 THEN   -- as registry.exec_batch
-            SELECT count(*) INTO k
-              FROM registry.s_scan_run(
-                       jsonb_path_query_array(p_cmds, format('$[%s to %s]', v_i, v_j - 1)::jsonpath),
-                       v_i)
-             WHERE code IS NOT NULL;
-            v_f := v_f + k;
-            v_i := v_j;
-        ELSE
-            v_i := v_i + 1;
-        END IF;
+        SELECT count(*) INTO k
+          FROM registry.s_scan_lane(v_i, l.key[v_r + 1 : v_r + v_j - v_i],
+                   l.now[v_r + 1 : v_r + v_j - v_i], l.trace[v_r + 1 : v_r + v_j - v_i],
+                   l.person[v_r + 1 : v_r + v_j - v_i], l.subject[v_r + 1 : v_r + v_j - v_i],
+                   l.community[v_r + 1 : v_r + v_j - v_i], l.device[v_r + 1 : v_r + v_j - v_i],
+                   l.counter[v_r + 1 : v_r + v_j - v_i], l.at[v_r + 1 : v_r + v_j - v_i],
+                   l.expected[v_r + 1 : v_r + v_j - v_i])
+         WHERE code IS NOT NULL;
+        v_f := v_f + k;
+        v_r := v_r + v_j - v_i;
+        v_i := v_j;
     END LOOP;
     RETURN v_f;
 END
@@ -933,6 +1035,47 @@ BEGIN
                  'coverage: every scan outcome (got ' || array_to_string(v_codes, ', ') || ')');
     PERFORM t.ok((SELECT sum(n) FROM t.fast) >= 150,
                  'coverage: the fast path answered many scans (' || (SELECT sum(n) FROM t.fast) || ')');
+END
+$$;
+
+-- ---------------------------------------------------------------- misuse
+
+-- The daemon always sends lanes that fit the batch: anything else is a
+-- programming error, raised so the batch is rerun one command at a time,
+-- and nothing is written.
+CREATE FUNCTION t.raises(p_sql text, p_label text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_seq bigint := (SELECT max(seq) FROM registry.outbox);
+BEGIN
+    BEGIN
+        EXECUTE p_sql;
+    EXCEPTION WHEN invalid_parameter_value THEN
+        PERFORM t.eq((SELECT max(seq) FROM registry.outbox), v_seq, p_label || ': nothing written');
+        RETURN;
+    END;
+    PERFORM t.ok(false, p_label || ': raised');
+END
+$$;
+
+DO $$
+BEGIN
+    PERFORM t.raises('SELECT * FROM registry.exec_batch(''{}'')', 'misuse: not an array');
+    PERFORM t.raises(format('SELECT * FROM registry.exec_batch(''[null, null]'', ''{k1}'', '
+                            '''{%s}'', ''{t}'', ''{s}'', ''{%s}'', ''{%s}'', ''{%s}'', ''{d}'', '
+                            '''{7}'', ''{%s}'', ''{0}'')', t.at(3), t.person(), t.id('W'),
+                            t.comm('a', t.id('W')), t.at(3)),
+                     'misuse: more lane commands than lane rows');
+    PERFORM t.raises(format('SELECT * FROM registry.exec_batch(''[]'', ''{k1}'', '
+                            '''{%s}'', ''{t}'', ''{s}'', ''{%s}'', ''{%s}'', ''{%s}'', ''{d}'', '
+                            '''{7}'', ''{%s}'', ''{0}'')', t.at(3), t.person(), t.id('W'),
+                            t.comm('a', t.id('W')), t.at(3)),
+                     'misuse: more lane rows than lane commands');
+    PERFORM t.raises(format('SELECT * FROM registry.exec_batch(''[null]'', ''{k1}'', '
+                            '''{%s}'', ''{t}'', ''{s}'', ''{%s}'', ''{%s}'', ''{%s}'', ''{d,e}'', '
+                            '''{7}'', ''{%s}'', ''{0}'')', t.at(3), t.person(), t.id('W'),
+                            t.comm('a', t.id('W')), t.at(3)),
+                     'misuse: lane columns of different lengths');
 END
 $$;
 

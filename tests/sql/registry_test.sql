@@ -111,7 +111,7 @@ $$;
 -- payload of the n-th event of a type written after p_since
 CREATE FUNCTION t.payload(p_since bigint, p_type text, p_n integer DEFAULT 1) RETURNS jsonb
 LANGUAGE sql AS $$
-    SELECT payload FROM registry.outbox WHERE seq > p_since AND type = p_type
+    SELECT payload::jsonb FROM registry.outbox WHERE seq > p_since AND type = p_type
      ORDER BY seq OFFSET p_n - 1 LIMIT 1
 $$;
 
@@ -232,7 +232,7 @@ BEGIN
                  'Sunflower Lane|Xuhui|Shanghai|' || t.at(0), 'create_community: row stored');
     PERFORM t.eq(t.events(e), ARRAY['community_created'], 'create_community: one community_created event');
     SELECT * INTO o FROM registry.outbox WHERE seq > e;
-    PERFORM t.ok(o.payload @> jsonb_build_object('id', c, 'name', 'Sunflower Lane',
+    PERFORM t.ok(o.payload::jsonb @> jsonb_build_object('id', c, 'name', 'Sunflower Lane',
                                                   'district', 'Xuhui', 'city', 'Shanghai'),
                  'create_community: event payload');
     PERFORM t.eq(o.community_id, c, 'create_community: event community_id');
@@ -1196,7 +1196,7 @@ BEGIN
     PERFORM t.eq((r.result ->> 'checkin_id')::bigint, t.id('K.c1'), 'K: exit closes the check-in');
     PERFORM t.eq((SELECT checked_out_at || '|' || automatic FROM registry.checkins WHERE id = t.id('K.c1')),
                  (t.at(20) + t.hours(1)) || '|false', 'K: checked out manually at the scan time');
-    PERFORM t.ok((SELECT payload @> jsonb_build_object('checkin_id', t.id('K.c1'), 'activity_id', k,
+    PERFORM t.ok((SELECT payload::jsonb @> jsonb_build_object('checkin_id', t.id('K.c1'), 'activity_id', k,
                                                        'person_id', t.id('P1'), 'community_id', t.id('C1'),
                                                        'at', t.at(20) + t.hours(1), 'automatic', false)
                     FROM registry.outbox WHERE type = 'checked_out' ORDER BY seq DESC LIMIT 1),
@@ -1279,11 +1279,11 @@ BEGIN
     PERFORM t.eq((SELECT count(*) FROM registry.checkins WHERE checked_out_at IS NULL), 0::bigint,
                  'K: nobody left checked in');
     PERFORM t.eq(t.events(e), array_fill('checked_out'::text, ARRAY[due::int]), 'K: one checked_out per person');
-    PERFORM t.ok((SELECT payload @> jsonb_build_object('checkin_id', t.id('K.c2'), 'activity_id', k,
+    PERFORM t.ok((SELECT payload::jsonb @> jsonb_build_object('checkin_id', t.id('K.c2'), 'activity_id', k,
                                                        'person_id', t.id('P1'), 'at', auto, 'automatic', true)
                     FROM registry.outbox WHERE seq > e AND (payload ->> 'checkin_id')::bigint = t.id('K.c2')),
                  'K: checked_out payload flagged automatic');
-    PERFORM t.eq((SELECT count(*) FROM registry.outbox WHERE seq > e AND payload @> '{"automatic": true}'), due,
+    PERFORM t.eq((SELECT count(*) FROM registry.outbox WHERE seq > e AND payload::jsonb @> '{"automatic": true}'), due,
                  'K: all automatic');
     PERFORM t.ok(t.okr('get_activity', jsonb_build_object('activity_id', k), auto, 'K: get_activity')
                  @> '{"checked_in": 0}', 'K: get_activity checked_in 0');
