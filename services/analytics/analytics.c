@@ -1,5 +1,5 @@
 /* Analytics daemon core (see analytics.h): the registry subscriber, the
- * hiredis connection in the libevent loop, the per-event apply script, the
+ * hiredis connection in the libevent loop, the apply script with its batches, the
  * resynchronisation that follows a lost connection or a position mismatch,
  * and the health and metrics endpoints. */
 #include "analytics.h"
@@ -27,50 +27,82 @@
 #define S_BACKOFF_MAX_MS 5000
 #define S_SYNC_TIMEOUT_MS 2000     /* blocking position read and reset */
 #define S_TICK_MS 1000             /* metrics refresh from the subscriber */
-#define S_MAX_OUTSTANDING 50000    /* calls in flight before intake pauses */
+#define S_MAX_OUTSTANDING 50000    /* events in flight before intake pauses */
+#define S_BATCH_EVENTS 1000        /* events merged into one script call, at most */
+#define S_BATCH_OPS 256            /* distinct operations of one script call, at most */
 
-/* Applies one event atomically. The stored position "epoch:seq" decides:
- *   no position yet or the next sequence of the same epoch -> apply, store, 1
- *   same epoch, sequence already applied                   -> 0
- *   another epoch (late event of a reset stream)           -> -1
+/* Applies a run of consecutive events of one epoch, first..last, atomically,
+ * their operations merged (see s_batch_t). The stored position "epoch:seq"
+ * decides:
+ *   no position yet, or seq = first - 1 of the same epoch -> apply, store last, 1
+ *   same epoch, seq >= last (all applied already)          -> 0
+ *   another epoch (late events of a reset stream)          -> -1
  *   "epoch:reset" (a reset was interrupted)                -> -2
- *   same epoch, sequence past the next one (a gap)         -> -3
+ *   same epoch, seq < first - 1 (a gap)                    -> -3
+ *   same epoch, first <= seq < last (some applied already) -> -4
  * Sequences are compared as decimal strings (no leading zeros), exact for
  * every uint64. Operations are checked before any is applied, because
  * Redis does not roll a script back when it fails half way.
  *   KEYS[1] position; KEYS[1+i] the key of operation i
- *   ARGV[1] epoch, ARGV[2] sequence, ARGV[3] sequence - 1,
- *   ARGV[3i+1..3i+3] operation i: name, argument, argument */
+ *   ARGV[1] epoch, ARGV[2] first, ARGV[3] last, ARGV[4] first - 1,
+ *   ARGV[3i+2..3i+4] operation i: name, argument, argument; pfadd's first
+ *   argument holds its elements separated by spaces */
 static const char s_script[] =
     "local n = #KEYS - 1\n"
-    "if n < 0 or #ARGV ~= 3 + 3 * n then\n"
+    "if n < 0 or #ARGV ~= 4 + 3 * n then\n"
     "  return redis.error_reply('ERR linli apply: bad argument count')\n"
     "end\n"
     "for i = 1, n do\n"
-    "  local op = ARGV[3 * i + 1]\n"
+    "  local op = ARGV[3 * i + 2]\n"
     "  if op ~= 'incrby' and op ~= 'hincrby' and op ~= 'pfadd' and op ~= 'hset' then\n"
     "    return redis.error_reply('ERR linli apply: unknown operation ' .. op)\n"
     "  end\n"
     "end\n"
+    "local function lt(x, y) return #x < #y or (#x == #y and x < y) end\n"
     "local cur = redis.call('GET', KEYS[1])\n"
     "if cur then\n"
     "  local e, s = string.match(cur, '^(%d+):(%d+)$')\n"
     "  if not e then return -2 end\n"
     "  if e ~= ARGV[1] then return -1 end\n"
-    "  if s ~= ARGV[3] then\n"
-    "    if #s > #ARGV[2] or (#s == #ARGV[2] and s >= ARGV[2]) then return 0 end\n"
+    "  if s ~= ARGV[4] then\n"
+    "    if not lt(s, ARGV[3]) then return 0 end\n"
+    "    if not lt(s, ARGV[2]) then return -4 end\n"
     "    return -3\n"
     "  end\n"
     "end\n"
     "for i = 1, n do\n"
-    "  local k, op, x, y = KEYS[i + 1], ARGV[3 * i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3]\n"
+    "  local k, op, x, y = KEYS[i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3], ARGV[3 * i + 4]\n"
     "  if op == 'incrby' then redis.call('INCRBY', k, x)\n"
     "  elseif op == 'hincrby' then redis.call('HINCRBY', k, x, y)\n"
-    "  elseif op == 'pfadd' then redis.call('PFADD', k, x)\n"
+    "  elseif op == 'pfadd' then\n"
+    "    local t = {}\n"
+    "    for v in string.gmatch(x, '%S+') do t[#t + 1] = v end\n"
+    "    redis.call('PFADD', k, unpack(t))\n"
     "  else redis.call('HSET', k, x, y) end\n"
     "end\n"
-    "redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2])\n"
+    "redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[3])\n"
     "return 1\n";
+
+/* One merged operation of a batch: INCRBY and HINCRBY deltas are summed,
+ * PFADD elements gathered, and HSET keeps the last value, which leaves
+ * Redis as applying the events one by one would. */
+typedef struct {
+    const char *op;              /* "incrby", "hincrby", "pfadd", "hset" (static) */
+    char key[COUNTERS_KEY_MAX];
+    char field[S_ARG_MAX];       /* hincrby, hset: the hash field */
+    long long delta;             /* incrby, hincrby */
+    char *vals;                  /* pfadd: elements, space-separated; hset: the value */
+    size_t vals_len, vals_cap;
+} s_mop_t;
+
+/* Consecutive events waiting to go to Redis as one script call. */
+typedef struct {
+    int events;                  /* 0: empty */
+    uint64_t epoch, first, last;
+    int n;                       /* merged operations */
+    s_mop_t ops[S_BATCH_OPS];
+    int slot[2 * S_BATCH_OPS];   /* hash of (op, key, field) -> index + 1; 0 free */
+} s_batch_t;
 
 struct analytics {
     struct event_base *base;     /* borrowed */
@@ -92,7 +124,10 @@ struct analytics {
     struct event *resync_ev;     /* timer/deferred: restart the subscriber */
     unsigned gen;                /* bumped on every resync and reset; a reply from an
                                   * older generation reports but never resyncs */
-    int outstanding;             /* event calls without a reply yet */
+    int outstanding;             /* script calls without a reply yet */
+    int inflight_events;         /* the events of those calls */
+    s_batch_t *batch;            /* events not sent yet, owned */
+    struct event *flush_ev;      /* sends the batch once the current burst is read */
 
     void *zctx;                  /* owned, only with a subscriber */
     sub_t *sub;                  /* NULL while resynchronising or stopped */
@@ -114,8 +149,8 @@ struct analytics {
 typedef struct {
     analytics_t *a;
     unsigned gen;                /* a->gen when sent */
-    uint64_t epoch, seq;
-    const char *event;           /* event name, static */
+    uint64_t epoch, first, seq;  /* the events first..seq */
+    int events;
     int retried;                 /* already resent as EVAL after NOSCRIPT */
     int argc;
     const char **argv;           /* argv[0], argv[1] borrowed; the rest owned */
@@ -331,25 +366,118 @@ static void s_call_free(s_call_t *call)
     free(call);
 }
 
-static void s_push(s_call_t *call, const char *s)
+static void s_push(s_call_t *call, const char *s, size_t n)
 {
-    call->argv[call->argc] = xstrdup(s);
-    call->lens[call->argc] = strlen(s);
+    call->argv[call->argc] = xstrndup(s, n);
+    call->lens[call->argc] = n;
     call->argc++;
 }
 
-static s_call_t *s_call_new(analytics_t *a, const Linli__Envelope *env, const s_ops_t *o,
-                            const char *name)
+static void s_pushs(s_call_t *call, const char *s)
+{
+    s_push(call, s, strlen(s));
+}
+
+/* ---- batches ---- */
+
+static void s_batch_clear(s_batch_t *b)
+{
+    for (int i = 0; i < b->n; i++)
+        free(b->ops[i].vals);
+    b->n = 0;
+    b->events = 0;
+    memset(b->slot, 0, sizeof b->slot);
+}
+
+static void s_vals_append(s_mop_t *m, const char *v, int sep)
+{
+    size_t n = strlen(v);
+    if (m->vals_len + n + 2 > m->vals_cap) {
+        m->vals_cap = (m->vals_len + n + 2) * 2;
+        m->vals = xrealloc(m->vals, m->vals_cap);
+    }
+    if (sep && m->vals_len)
+        m->vals[m->vals_len++] = ' ';
+    memcpy(m->vals + m->vals_len, v, n + 1);
+    m->vals_len += n;
+}
+
+/* The merged operation for (op, key, field), added if new; NULL when the
+ * batch has no room for another. */
+static s_mop_t *s_batch_op(s_batch_t *b, const char *op, const char *key, const char *field)
+{
+    uint32_t h = 2166136261u;
+    for (const char *p = op; *p; p++)
+        h = (h ^ (unsigned char)*p) * 16777619u;
+    for (const char *p = key; *p; p++)
+        h = (h ^ (unsigned char)*p) * 16777619u;
+    for (const char *p = field; *p; p++)
+        h = (h ^ (unsigned char)*p) * 16777619u;
+    for (uint32_t i = h % LX_ARRAY_LEN(b->slot);; i = (i + 1) % LX_ARRAY_LEN(b->slot)) {
+        int s = b->slot[i];
+        if (s == 0)
+            break;
+        s_mop_t *m = &b->ops[s - 1];
+        if (strcmp(m->op, op) == 0 && strcmp(m->key, key) == 0 && strcmp(m->field, field) == 0)
+            return m;
+    }
+    if (b->n >= S_BATCH_OPS)
+        return NULL;
+    uint32_t i = h % LX_ARRAY_LEN(b->slot);
+    while (b->slot[i])
+        i = (i + 1) % LX_ARRAY_LEN(b->slot);
+    s_mop_t *m = &b->ops[b->n];
+    *m = (s_mop_t){ .op = op };
+    snprintf(m->key, sizeof m->key, "%s", key);
+    snprintf(m->field, sizeof m->field, "%s", field);
+    b->slot[i] = ++b->n;
+    return m;
+}
+
+/* Whether the event's operations fit in the batch beside the ones there. */
+static int s_batch_fits(const s_batch_t *b, const s_ops_t *o)
+{
+    return b->events < S_BATCH_EVENTS && b->n + o->n <= S_BATCH_OPS;
+}
+
+/* Adds one event's operations; the caller checked they fit. */
+static void s_batch_add(s_batch_t *b, const Linli__Envelope *env, const s_ops_t *o)
+{
+    if (b->events == 0) {
+        b->epoch = env->epoch;
+        b->first = env->sequence;
+    }
+    b->last = env->sequence;
+    b->events++;
+    for (int i = 0; i < o->n; i++) {
+        const char *op = o->op[i];
+        int hash = strcmp(op, "hincrby") == 0 || strcmp(op, "hset") == 0;
+        s_mop_t *m = s_batch_op(b, op, o->keys[i], hash ? o->x[i] : "");
+        if (strcmp(op, "incrby") == 0)
+            m->delta += strtoll(o->x[i], NULL, 10);
+        else if (strcmp(op, "hincrby") == 0)
+            m->delta += strtoll(o->y[i], NULL, 10);
+        else if (strcmp(op, "pfadd") == 0)
+            s_vals_append(m, o->x[i], 1);
+        else {
+            m->vals_len = 0;
+            s_vals_append(m, o->y[i], 0);
+        }
+    }
+}
+
+static s_call_t *s_call_new(analytics_t *a, const s_batch_t *b)
 {
     s_call_t *call = xcalloc(1, sizeof *call);
-    int max = 3 + 1 + o->n + 3 + 3 * o->n;
+    int max = 3 + 1 + b->n + 4 + 3 * b->n;
     char num[24];
 
     call->a = a;
     call->gen = a->gen;
-    call->epoch = env->epoch;
-    call->seq = env->sequence;
-    call->event = name;
+    call->epoch = b->epoch;
+    call->first = b->first;
+    call->seq = b->last;
+    call->events = b->events;
     call->argv = xcalloc((size_t)max, sizeof *call->argv);
     call->lens = xcalloc((size_t)max, sizeof *call->lens);
     call->argv[0] = "EVALSHA";
@@ -357,21 +485,37 @@ static s_call_t *s_call_new(analytics_t *a, const Linli__Envelope *env, const s_
     call->argv[1] = a->sha;
     call->lens[1] = 40;
     call->argc = 2;
-    snprintf(num, sizeof num, "%d", 1 + o->n);
-    s_push(call, num);
-    s_push(call, a->pos_key);
-    for (int i = 0; i < o->n; i++)
-        s_push(call, o->keys[i]);
-    snprintf(num, sizeof num, "%" PRIu64, env->epoch);
-    s_push(call, num);
-    snprintf(num, sizeof num, "%" PRIu64, env->sequence);
-    s_push(call, num);
-    snprintf(num, sizeof num, "%" PRIu64, env->sequence - 1);
-    s_push(call, num);
-    for (int i = 0; i < o->n; i++) {
-        s_push(call, o->op[i]);
-        s_push(call, o->x[i]);
-        s_push(call, o->y[i]);
+    snprintf(num, sizeof num, "%d", 1 + b->n);
+    s_pushs(call, num);
+    s_pushs(call, a->pos_key);
+    for (int i = 0; i < b->n; i++)
+        s_pushs(call, b->ops[i].key);
+    snprintf(num, sizeof num, "%" PRIu64, b->epoch);
+    s_pushs(call, num);
+    snprintf(num, sizeof num, "%" PRIu64, b->first);
+    s_pushs(call, num);
+    snprintf(num, sizeof num, "%" PRIu64, b->last);
+    s_pushs(call, num);
+    snprintf(num, sizeof num, "%" PRIu64, b->first - 1);
+    s_pushs(call, num);
+    for (int i = 0; i < b->n; i++) {
+        const s_mop_t *m = &b->ops[i];
+        char d[24];
+        snprintf(d, sizeof d, "%lld", m->delta);
+        s_pushs(call, m->op);
+        if (strcmp(m->op, "incrby") == 0) {
+            s_pushs(call, d);
+            s_pushs(call, "");
+        } else if (strcmp(m->op, "hincrby") == 0) {
+            s_pushs(call, m->field);
+            s_pushs(call, d);
+        } else if (strcmp(m->op, "pfadd") == 0) {
+            s_push(call, m->vals, m->vals_len);
+            s_pushs(call, "");
+        } else {
+            s_pushs(call, m->field);
+            s_push(call, m->vals, m->vals_len);
+        }
     }
     return call;
 }
@@ -401,8 +545,10 @@ static void s_on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     s_call_t *call = privdata;
     analytics_t *a = call->a;
     redisReply *r = reply;  /* owned by hiredis: never freed here */
+    unsigned long long n = (unsigned long long)call->events;
 
     a->outstanding--;
+    a->inflight_events -= call->events;
     if (a->destroying)
         goto done;
     if (!r) {
@@ -422,6 +568,7 @@ static void s_on_reply(redisAsyncContext *ac, void *reply, void *privdata)
         if (redisAsyncCommandArgv(ac, s_on_reply, call, call->argc, call->argv, call->lens) ==
             REDIS_OK) {
             a->outstanding++;
+            a->inflight_events += call->events;
             return;
         }
         log_error("redis", "cannot resend script seq=%" PRIu64, call->seq);
@@ -430,8 +577,8 @@ static void s_on_reply(redisAsyncContext *ac, void *reply, void *privdata)
         goto done;
     }
     if (r->type == REDIS_REPLY_ERROR || r->type != REDIS_REPLY_INTEGER) {
-        log_error("redis", "apply failed epoch=%" PRIu64 " seq=%" PRIu64 " event=%s err=%s",
-                  call->epoch, call->seq, call->event,
+        log_error("redis", "apply failed epoch=%" PRIu64 " seq=%" PRIu64 "..%" PRIu64 " err=%s",
+                  call->epoch, call->first, call->seq,
                   r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply type");
         s_error(a);
         if (call->gen == a->gen)
@@ -440,31 +587,33 @@ static void s_on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     }
     switch (r->integer) {
     case 1:
-        a->st.applied++;
-        metric_inc(a->m_applied, 1);
-        log_debug("apply", "applied epoch=%" PRIu64 " seq=%" PRIu64 " event=%s", call->epoch,
-                  call->seq, call->event);
+        a->st.applied += n;
+        metric_inc(a->m_applied, (double)n);
+        log_debug("apply", "applied epoch=%" PRIu64 " seq=%" PRIu64 "..%" PRIu64, call->epoch,
+                  call->first, call->seq);
         break;
     case 0:
-        a->st.duplicates++;
-        metric_inc(a->m_dupes, 1);
-        log_debug("apply", "duplicate epoch=%" PRIu64 " seq=%" PRIu64 " event=%s", call->epoch,
-                  call->seq, call->event);
+        a->st.duplicates += n;
+        metric_inc(a->m_dupes, (double)n);
+        log_debug("apply", "duplicate epoch=%" PRIu64 " seq=%" PRIu64 "..%" PRIu64, call->epoch,
+                  call->first, call->seq);
         break;
     case -3:
+    case -4:
         a->st.gaps++;
         metric_inc(a->m_gaps, 1);
-        log_warn("apply", "out of order: stored position is behind epoch=%" PRIu64
-                 " seq=%" PRIu64, call->epoch, call->seq);
+        log_warn("apply", "out of order: stored position is %s epoch=%" PRIu64
+                 " seq=%" PRIu64 "..%" PRIu64, r->integer == -3 ? "behind" : "inside the run",
+                 call->epoch, call->first, call->seq);
         if (call->gen == a->gen)
             s_resync_schedule(a, "position gap");
         break;
     default: /* -1 old epoch, -2 reset under way */
-        a->st.stale++;
-        metric_inc(a->m_stale, 1);
-        log_info("apply", "ignored %s epoch=%" PRIu64 " seq=%" PRIu64,
-                 r->integer == -1 ? "event of another epoch" : "event during a reset",
-                 call->epoch, call->seq);
+        a->st.stale += n;
+        metric_inc(a->m_stale, (double)n);
+        log_info("apply", "ignored %s epoch=%" PRIu64 " seq=%" PRIu64 "..%" PRIu64,
+                 r->integer == -1 ? "events of another epoch" : "events during a reset",
+                 call->epoch, call->first, call->seq);
         if (call->gen == a->gen)
             s_resync_schedule(a, "epoch mismatch");
         break;
@@ -472,6 +621,44 @@ static void s_on_reply(redisAsyncContext *ac, void *reply, void *privdata)
 done:
     s_call_free(call);
     s_drained(a);
+}
+
+/* Sends the batch as one script call. Returns 0, or -1 (logged, counted,
+ * resync scheduled) when it could not be queued. */
+static int s_flush(analytics_t *a)
+{
+    s_batch_t *b = a->batch;
+    if (!b->events)
+        return 0;
+    if (!a->ac) {
+        log_warn("apply", "Redis not connected; dropping seq=%" PRIu64 "..%" PRIu64, b->first,
+                 b->last);
+        s_batch_clear(b);
+        s_error(a);
+        s_resync_schedule(a, "Redis not connected");
+        return -1;
+    }
+    s_call_t *call = s_call_new(a, b);
+    s_batch_clear(b);
+    if (redisAsyncCommandArgv(a->ac, s_on_reply, call, call->argc, call->argv, call->lens) !=
+        REDIS_OK) {
+        log_error("redis", "cannot queue apply seq=%" PRIu64 "..%" PRIu64 " err=%s", call->first,
+                  call->seq, a->ac->errstr);
+        s_call_free(call);
+        s_error(a);
+        s_resync_schedule(a, "send failed");
+        return -1;
+    }
+    a->outstanding++;
+    a->inflight_events += call->events;
+    return 0;
+}
+
+static void s_flush_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    s_flush(arg);
 }
 
 int analytics_apply_event(analytics_t *a, const Linli__Envelope *env)
@@ -503,17 +690,18 @@ int analytics_apply_event(analytics_t *a, const Linli__Envelope *env)
         s_error(a);
         goto cleanup;
     }
-    s_call_t *call = s_call_new(a, env, o, name);
-    if (redisAsyncCommandArgv(a->ac, s_on_reply, call, call->argc, call->argv, call->lens) !=
-        REDIS_OK) {
-        log_error("redis", "cannot queue apply seq=%" PRIu64 " err=%s", env->sequence,
-                  a->ac->errstr);
-        s_call_free(call);
-        s_error(a);
-        s_resync_schedule(a, "send failed");
+    /* A batch holds consecutive events of one epoch: anything else (a
+     * duplicate, a gap, a new epoch) starts a new one, for the script to
+     * judge on its own. */
+    s_batch_t *b = a->batch;
+    if (b->events && (env->epoch != b->epoch || env->sequence != b->last + 1 ||
+                      !s_batch_fits(b, o)) && s_flush(a) != 0)
         goto cleanup;
-    }
-    a->outstanding++;
+    if (!b->events)
+        event_active(a->flush_ev, EV_TIMEOUT, 1);
+    s_batch_add(b, env, o);
+    log_debug("apply", "queued epoch=%" PRIu64 " seq=%" PRIu64 " event=%s", env->epoch,
+              env->sequence, name);
     rc = 0;
 cleanup:
     free(o);
@@ -529,7 +717,7 @@ static void s_sub_apply(const Linli__Envelope *ev, void *arg)
     analytics_t *a = arg;
     if (a->resync_pending || a->stopping)
         return;
-    if (a->outstanding >= S_MAX_OUTSTANDING) {
+    if (a->inflight_events >= S_MAX_OUTSTANDING) {
         /* Redis is slower than the stream. Rather than buffer without
          * bound, stop taking events, let the pipeline drain and replay the
          * rest from the position Redis holds. */
@@ -623,6 +811,7 @@ static void s_resync_schedule(analytics_t *a, const char *why)
     if (!a->pub || a->resync_pending || a->stopping || a->destroying)
         return;
     a->resync_pending = 1;
+    s_batch_clear(a->batch);      /* replayed from the position Redis holds */
     a->st.resyncs++;
     metric_inc(a->m_resyncs, 1);
     log_warn("sub", "resynchronising with Redis reason=\"%s\" outstanding=%d", why,
@@ -868,6 +1057,8 @@ analytics_t *analytics_new(struct event_base *base, const analytics_opts_t *opts
 
     a->reconnect_ev = evtimer_new(base, s_reconnect_cb, a);
     a->resync_ev = evtimer_new(base, s_resync_cb, a);
+    a->batch = xcalloc(1, sizeof *a->batch);
+    a->flush_ev = event_new(base, -1, 0, s_flush_cb, a);
     a->deadline_ev = evtimer_new(base, s_deadline_cb, a);
     a->tick_ev = event_new(base, -1, EV_PERSIST, s_tick_cb, a);
     struct timeval tick = { S_TICK_MS / 1000, (S_TICK_MS % 1000) * 1000 };
@@ -919,6 +1110,12 @@ void analytics_destroy(analytics_t **a_p)
         event_free(a->deadline_ev);
     if (a->tick_ev)
         event_free(a->tick_ev);
+    if (a->flush_ev)
+        event_free(a->flush_ev);
+    if (a->batch) {
+        s_batch_clear(a->batch);
+        free(a->batch);
+    }
     free(a->redis);
     free(a->prefix);
     free(a->pub);
@@ -929,7 +1126,7 @@ void analytics_destroy(analytics_t **a_p)
 
 int analytics_pending(const analytics_t *a)
 {
-    return a->outstanding;
+    return a->outstanding + (a->batch->events > 0);
 }
 
 int analytics_redis_connected(const analytics_t *a)
@@ -941,6 +1138,7 @@ void analytics_stop(analytics_t *a, int deadline_ms)
 {
     if (a->stopping)
         return;
+    s_flush(a);
     a->stopping = 1;
     s_sub_drop(a);
     event_del(a->reconnect_ev);

@@ -1,18 +1,20 @@
 /* The analytics daemon core: turns registry events into live counters in
  * Redis (key scheme in common/counters.h).
  *
- * Each event becomes ONE script call (EVALSHA, EVAL after NOSCRIPT) that,
- * atomically in Redis, checks the stored stream position, applies the
- * event's INCRBY/PFADD/HINCRBY/HSET operations and stores the new position,
- * so an event applied twice (a replay, a restart) changes nothing. All
- * calls go down one hiredis connection, which keeps them in stream order.
+ * Consecutive events that arrive together (up to 1,000) become ONE script
+ * call (EVALSHA, EVAL after NOSCRIPT) that, atomically in Redis, checks the
+ * stored stream position, applies the events' INCRBY/PFADD/HINCRBY/HSET
+ * operations, merged (a thousand check-ins at one activity are one INCRBY
+ * of 1000), and stores the new position, so an event applied twice (a
+ * replay, a restart) changes nothing. All calls go down one hiredis
+ * connection, which keeps them in stream order.
  *
  * When Redis and the subscriber's idea of the position may have diverged
  * (the connection dropped with replies outstanding, or a script reported a
  * gap or a stale epoch), the daemon resynchronises: it drops the
  * subscriber, waits for the outstanding replies, reads the position Redis
  * holds and subscribes again from there. The same path bounds memory when
- * Redis falls behind: past 50,000 calls in flight, intake pauses that way. */
+ * Redis falls behind: past 50,000 events in flight, intake pauses that way. */
 #ifndef LINLI_ANALYTICS_H
 #define LINLI_ANALYTICS_H
 
@@ -52,15 +54,17 @@ analytics_t *analytics_new(struct event_base *base, const analytics_opts_t *opts
  * *a_p. Call outside the loop's callbacks. */
 void analytics_destroy(analytics_t **a_p);
 
-/* Sends ev's script call to Redis (the subscriber's sub_apply_fn, exposed
- * for tests). ev is borrowed. Envelopes that are not events, or whose
+/* Queues ev for the next script call, sent once the events that arrived
+ * with it are queued too (the subscriber's sub_apply_fn, exposed for
+ * tests). ev is borrowed. Envelopes that are not events, or whose
  * event is one analytics does not count, still advance the position.
  * Returns 0 when the call was queued, -1 (logged and counted) when it was
  * not: no Redis connection, a resynchronisation under way, or an envelope
  * without stream/epoch/sequence. */
 int analytics_apply_event(analytics_t *a, const Linli__Envelope *ev);
 
-/* Script calls sent and not yet answered. */
+/* Script calls sent and not yet answered, plus one while events wait to be
+ * sent. */
 int analytics_pending(const analytics_t *a);
 
 /* 1 when connected to Redis (the connect callback has fired), else 0. */

@@ -360,10 +360,23 @@ static void test_same_event_twice_counts_once(void **state)
     assert_int_equal(st.applied, 2);
     assert_int_equal(st.duplicates, 2);
 
-    /* A restart: a new daemon sees the same position in Redis. */
+    /* A restart: a new daemon sees the same position in Redis. Events that
+     * arrive together go as one call, applied whole or not at all: a run
+     * that overlaps the stored position changes nothing and counts as a
+     * gap (with a subscriber, the daemon then resubscribes from the stored
+     * position, which is where a subscriber starts anyway). */
     analytics_destroy(&t->a);
     s_start(t);
     s_checked_in(t, 2, 11, 101, 2, T0);
+    s_checked_in(t, 3, 11, 101, 3, T0);
+    s_flush(t);
+    s_stats(t, &st);
+    assert_int_equal(st.applied, 0);
+    assert_int_equal(st.gaps, 1);
+    assert_int_equal(s_int(t, "GET %s:{c11}:act:101:checkins", p), 2);
+    s_assert_position(t, "7:2");
+    s_checked_in(t, 2, 11, 101, 2, T0);
+    s_flush(t);
     s_checked_in(t, 3, 11, 101, 3, T0);
     s_flush(t);
     s_stats(t, &st);
@@ -371,6 +384,45 @@ static void test_same_event_twice_counts_once(void **state)
     assert_int_equal(st.duplicates, 1);
     assert_int_equal(s_int(t, "GET %s:{c11}:act:101:checkins", p), 3);
     s_assert_position(t, "7:3");
+}
+
+/* A thousand check-ins that arrive together are one script call whose
+ * merged operations leave exactly what one call per event would. */
+static void test_burst_is_merged(void **state)
+{
+    t_t *t = *state;
+    NEED_REDIS(t);
+    const char *p = t->prefix;
+    uint64_t seq = 1;
+    for (int i = 0; i < 2500; i++)   /* three calls: 1000, 1000, 500 */
+        s_checked_in(t, seq++, 11 + i % 3, 101 + i % 3, 5000 + i % 700, T0);
+    s_flush(t);
+    analytics_stats_t st;
+    s_stats(t, &st);
+    assert_int_equal(st.applied, 2500);
+    assert_int_equal(st.gaps, 0);
+    for (int k = 0; k < 3; k++) {
+        int want = 2500 / 3 + (k < 2500 % 3);
+        assert_int_equal(s_int(t, "GET %s:{c%d}:act:%d:checkins", p, 11 + k, 101 + k), want);
+        assert_int_equal(s_int(t, "GET %s:{c%d}:act:%d:present", p, 11 + k, 101 + k), want);
+        assert_int_equal(s_int(t, "GET %s:{c%d}:checkins", p, 11 + k), want);
+    }
+    assert_int_equal(s_int(t, "GET %s:city:checkins", p), 2500);
+    counters_view_t v;
+    assert_int_equal(counters_read_day(t->c, p, 0, 0, t->day, &v), 0);
+    /* HyperLogLog estimates, but the same set gives the same estimate */
+    for (int i = 0; i < 700; i++)
+        s_int(t, "PFADD %s:scratch %d", p, 5000 + i);
+    assert_int_equal(v.unique_today, s_int(t, "PFCOUNT %s:scratch", p));
+    s_assert_position(t, "7:2500");
+    /* the same burst again (a replay) changes nothing */
+    for (uint64_t q = 1; q <= 2500; q++)
+        s_checked_in(t, q, 11 + (int)((q - 1) % 3), 101 + (int)((q - 1) % 3), 5000, T0);
+    s_flush(t);
+    s_stats(t, &st);
+    assert_int_equal(st.applied, 2500);
+    assert_int_equal(st.duplicates, 2500);
+    assert_int_equal(s_int(t, "GET %s:city:checkins", p), 2500);
 }
 
 static void test_older_seq_ignored(void **state)
@@ -753,6 +805,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_keys_and_prefix),
         cmocka_unit_test_setup_teardown(test_checkins_per_scope, s_setup, s_teardown),
+        cmocka_unit_test_setup_teardown(test_burst_is_merged, s_setup, s_teardown),
         cmocka_unit_test_setup_teardown(test_same_event_twice_counts_once, s_setup, s_teardown),
         cmocka_unit_test_setup_teardown(test_older_seq_ignored, s_setup, s_teardown),
         cmocka_unit_test_setup_teardown(test_gap_is_refused, s_setup, s_teardown),
