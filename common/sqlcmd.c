@@ -17,29 +17,40 @@ typedef struct s_item {
     size_t json_len;
     bool single;              /* run alone: its batch failed once */
     char *vals;               /* lane command: its quoted array elements, each NUL-ended */
+    uint64_t conf[SQLCMD_CONFLICTS_MAX + 1]; /* lane command: what it must not share, hashed */
+    int nconf;
     /* filled from the result row */
     char *code, *message, *result;
     bool got_row;
     struct s_item *next;
 } s_item_t;
 
+/* A batch in the database, on its own connection. */
+typedef struct {
+    sqlcmd_t *q;
+    db_t *db;                 /* borrowed; NULL: this slot is not used */
+    s_item_t *items;          /* the batch in order; NULL: free */
+    int n;
+    s_item_t **slots;         /* the batch by position, batch_max entries */
+    bool exclusive;           /* JSON commands or a retry: runs alone */
+    uint64_t *set;            /* the conflict hashes of its items, open addressing, 0 free */
+    size_t set_cap;           /* a power of two */
+} s_flight_t;
+
 struct sqlcmd {
     cmdsrv_t *srv;
-    db_t *db;
     sqlcmd_opts_t opts;
+    s_flight_t fl[2];         /* [1] only with a lane connection */
     char *sql;                /* SELECT ... FROM <schema>.exec_batch($1, lanes) */
     s_item_t *head, *tail;    /* queue, FIFO */
     int queued;
-    s_item_t *flight;         /* the batch in the database */
-    int in_flight;
-    s_item_t **slots;         /* the batch by position, batch_max entries */
     char *buf;                /* the batch's JSON array, reused */
     size_t buf_cap;
     int ncols;                /* lane arrays, 4 + the lane's columns; 0: no lane */
     char *col[4 + SQLCMD_LANE_MAX];   /* the batch's lane arrays, reused */
     size_t col_len[4 + SQLCMD_LANE_MAX], col_cap[4 + SQLCMD_LANE_MAX];
     bool closing;             /* sqlcmd_close called */
-    unsigned long long batches, commands, retried, failed;
+    unsigned long long batches, commands, retried, failed, overlapped;
 };
 
 static void s_item_free(s_item_t *it)
@@ -67,18 +78,18 @@ static void s_item_clear_result(s_item_t *it)
  * answered "internal" (see s_on_done). */
 static void s_on_rows(const PGresult *res, void *arg)
 {
-    sqlcmd_t *q = arg;
+    s_flight_t *f = arg;
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != 4)
         return;
     for (int row = 0, n = PQntuples(res); row < n; row++) {
         char *end;
         long i = strtol(PQgetvalue(res, row, 0), &end, 10);
-        if (PQgetisnull(res, row, 0) || *end || i < 0 || i >= q->in_flight ||
-            q->slots[i]->got_row || PQgetisnull(res, row, 1)) {
+        if (PQgetisnull(res, row, 0) || *end || i < 0 || i >= f->n ||
+            f->slots[i]->got_row || PQgetisnull(res, row, 1)) {
             log_error("sqlcmd", "unexpected result row position=%s", PQgetvalue(res, row, 0));
             continue;
         }
-        s_item_t *it = q->slots[i];
+        s_item_t *it = f->slots[i];
         it->got_row = true;
         it->code = xstrdup(PQgetvalue(res, row, 1));
         it->message = xstrdup(PQgetvalue(res, row, 2));
@@ -137,11 +148,12 @@ static void s_answer(sqlcmd_t *q, s_item_t *it, Linli__Reply *reply)
 
 static void s_on_done(int status, const char *errmsg, void *arg)
 {
-    sqlcmd_t *q = arg;
-    s_item_t *batch = q->flight;
-    int n = q->in_flight;
-    q->flight = NULL;
-    q->in_flight = 0;
+    s_flight_t *f = arg;
+    sqlcmd_t *q = f->q;
+    s_item_t *batch = f->items;
+    int n = f->n;
+    f->items = NULL;
+    f->n = 0;
     if (q->closing && status != 0) {
         /* Committed or not, the outcome is unknown to the caller; it
          * retries with the same key and gets the stored reply. */
@@ -207,28 +219,12 @@ static void s_col_append(sqlcmd_t *q, int c, const char *s, size_t n)
     q->col_len[c] += n;
 }
 
-static void s_pump(sqlcmd_t *q)
+/* Sends the batch of f: f->n items, f->slots filled. */
+static void s_send(sqlcmd_t *q, s_flight_t *f)
 {
-    if (q->flight || !q->head || q->closing)
-        return;
-    int max = q->head->single ? 1 : q->opts.batch_max;
-    s_item_t *first = q->head, *last = NULL;
     size_t len = 1;
-    int n = 0;
-    while (q->head && n < max && (n == 0 || !q->head->single)) {
-        s_item_t *it = q->head;
-        q->head = it->next;
-        q->slots[n++] = it;
-        len += it->json_len + 1;
-        last = it;
-    }
-    if (!q->head)
-        q->tail = NULL;
-    last->next = NULL;
-    q->queued -= n;
-    q->flight = first;
-    q->in_flight = n;
-
+    for (int i = 0; i < f->n; i++)
+        len += f->slots[i]->json_len + 1;
     /* [cmd,cmd,...]: each command's JSON was built once, at submit */
     if (len + 1 > q->buf_cap) {
         q->buf_cap = len + 1 > 2 * q->buf_cap ? len + 1 : 2 * q->buf_cap;
@@ -236,11 +232,11 @@ static void s_pump(sqlcmd_t *q)
     }
     char *p = q->buf;
     *p++ = '[';
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < f->n; i++) {
         if (i)
             *p++ = ',';
-        memcpy(p, q->slots[i]->json, q->slots[i]->json_len);
-        p += q->slots[i]->json_len;
+        memcpy(p, f->slots[i]->json, f->slots[i]->json_len);
+        p += f->slots[i]->json_len;
     }
     *p++ = ']';
     *p = '\0';
@@ -250,8 +246,8 @@ static void s_pump(sqlcmd_t *q)
             q->col_len[c] = 0;
             s_col_append(q, c, "{", 1);
         }
-        for (int i = 0; i < n; i++) {
-            const char *v = q->slots[i]->vals;
+        for (int i = 0; i < f->n; i++) {
+            const char *v = f->slots[i]->vals;
             for (int c = 0; v && c < q->ncols; c++) {
                 size_t vl = strlen(v);
                 if (q->col_len[c] > 1)
@@ -265,9 +261,105 @@ static void s_pump(sqlcmd_t *q)
             params[1 + c] = q->col[c];
         }
     }
+    /* the db copies the parameters: the buffers serve the next batch */
     db_batch_t *b = db_batch_new(true);
-    db_batch_add(b, q->sql, 1 + q->ncols, params, s_on_rows, q);
-    db_batch_submit(q->db, &b, s_on_done, q);
+    db_batch_add(b, q->sql, 1 + q->ncols, params, s_on_rows, f);
+    db_batch_submit(f->db, &b, s_on_done, f);
+}
+
+static uint64_t s_hash64(const char *tag, const char *s, size_t n)
+{
+    uint64_t h = 14695981039346656037ull;
+    for (const char *p = tag; *p; p++)
+        h = (h ^ (unsigned char)*p) * 1099511628211ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)s[i]) * 1099511628211ull;
+    return h | 1;   /* 0 marks a free slot */
+}
+
+/* Remembers the conflict hashes of f's items. */
+static void s_set_build(s_flight_t *f)
+{
+    size_t need = 16;
+    while (need < (size_t)f->n * 2 * (SQLCMD_CONFLICTS_MAX + 1))
+        need *= 2;
+    if (need > f->set_cap) {
+        free(f->set);
+        f->set = xmalloc(need * sizeof *f->set);
+        f->set_cap = need;
+    }
+    memset(f->set, 0, f->set_cap * sizeof *f->set);
+    for (int i = 0; i < f->n; i++) {
+        const s_item_t *it = f->slots[i];
+        for (int k = 0; k < it->nconf; k++) {
+            size_t j = it->conf[k] & (f->set_cap - 1);
+            while (f->set[j] && f->set[j] != it->conf[k])
+                j = (j + 1) & (f->set_cap - 1);
+            f->set[j] = it->conf[k];
+        }
+    }
+}
+
+/* Whether it shares a person, nonce, key ... with the batch of f. */
+static bool s_set_hit(const s_flight_t *f, const s_item_t *it)
+{
+    for (int k = 0; k < it->nconf; k++) {
+        size_t j = it->conf[k] & (f->set_cap - 1);
+        for (; f->set[j]; j = (j + 1) & (f->set_cap - 1))
+            if (f->set[j] == it->conf[k])
+                return true;
+    }
+    return false;
+}
+
+/* Sends what the queue allows. A batch with a JSON command, or a retry,
+ * runs alone: its commands may lock rows, and those of the next batch must
+ * see its changes. Lane commands (check-ins) share no row but the ones
+ * their unique indexes guard, so with a lane connection two batches of
+ * lane commands only run at once, and only when they share no idempotency
+ * key and none of what the owner named at submit (a person, a nonce): so
+ * neither waits for the other's rows, and they cannot deadlock. */
+static void s_pump(sqlcmd_t *q)
+{
+    while (q->head && !q->closing) {
+        s_flight_t *f = NULL;
+        bool busy = false, exclusive = false;
+        for (int k = 0; k < 2; k++) {
+            if (q->fl[k].items) {
+                busy = true;
+                exclusive = exclusive || q->fl[k].exclusive;
+            } else if (!f && q->fl[k].db) {
+                f = &q->fl[k];
+            }
+        }
+        bool lane_only = q->head->vals && !q->head->single;
+        if (!f || exclusive || (busy && !lane_only))
+            return;
+        const s_flight_t *other = busy ? &q->fl[f == &q->fl[0]] : NULL;
+        if (other && s_set_hit(other, q->head))
+            return;   /* after the other batch */
+        int max = q->head->single ? 1 : q->opts.batch_max;
+        s_item_t *last = NULL;
+        f->items = q->head;
+        f->n = 0;
+        f->exclusive = !lane_only;
+        while (q->head && f->n < max && (f->n == 0 || !q->head->single) &&
+               (!lane_only || (q->head->vals && (!other || !s_set_hit(other, q->head))))) {
+            s_item_t *it = q->head;
+            q->head = it->next;
+            f->slots[f->n++] = it;
+            last = it;
+        }
+        if (!q->head)
+            q->tail = NULL;
+        last->next = NULL;
+        q->queued -= f->n;
+        if (q->fl[1].db)
+            s_set_build(f);
+        if (busy)
+            q->overlapped++;
+        s_send(q, f);
+    }
 }
 
 static int s_ident_ok(const char *s)
@@ -289,7 +381,6 @@ sqlcmd_t *sqlcmd_new(cmdsrv_t *srv, db_t *db, const sqlcmd_opts_t *opts)
     }
     sqlcmd_t *q = xcalloc(1, sizeof *q);
     q->srv = srv;
-    q->db = db;
     q->opts = *opts;
     if (q->opts.queue_max < q->opts.batch_max)
         q->opts.queue_max = q->opts.batch_max * 64;
@@ -317,7 +408,12 @@ sqlcmd_t *sqlcmd_new(cmdsrv_t *srv, db_t *db, const sqlcmd_opts_t *opts)
         q->sql = xasprintf("SELECT i, code, message, result FROM %s.exec_batch($1::jsonb)",
                            opts->schema);
     }
-    q->slots = xcalloc((size_t)q->opts.batch_max, sizeof *q->slots);
+    for (int k = 0; k < 2; k++) {
+        q->fl[k].q = q;
+        q->fl[k].slots = xcalloc((size_t)q->opts.batch_max, sizeof *q->fl[k].slots);
+    }
+    q->fl[0].db = db;
+    q->fl[1].db = opts->lane ? opts->lane_db : NULL;
     return q;
 }
 
@@ -346,9 +442,12 @@ void sqlcmd_destroy(sqlcmd_t **q_p)
     s_answer_all(q, q->head);
     /* The db is destroyed first (see sqlcmd_close), and that completes the
      * batch in flight: one still here would call back into freed memory. */
-    assert(!q->flight);
+    assert(!q->fl[0].items && !q->fl[1].items);
     free(q->sql);
-    free(q->slots);
+    for (int k = 0; k < 2; k++) {
+        free(q->fl[k].slots);
+        free(q->fl[k].set);
+    }
     free(q->buf);
     for (int c = 0; c < 4 + SQLCMD_LANE_MAX; c++)
         free(q->col[c]);
@@ -429,9 +528,10 @@ static int s_quote(char **buf, size_t *len, size_t *cap, const char *s)
     return 0;
 }
 
-int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *cols)
+int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *cols,
+                       const char *const *conflicts, int nconflicts)
 {
-    if (!q->ncols)
+    if (!q->ncols || nconflicts < 0 || nconflicts > SQLCMD_CONFLICTS_MAX)
         return -1;
     const Linli__Envelope *env = *req_p ? cmdsrv_req_envelope(*req_p) : NULL;
     char now[24];
@@ -463,13 +563,22 @@ int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *col
     it->json = xstrdup("null");
     it->json_len = 4;
     it->vals = vals;
+    for (int k = 0; k < nconflicts; k++)
+        it->conf[it->nconf++] = s_hash64("c", conflicts[k], strlen(conflicts[k]));
+    if (fixed[0][0])
+        it->conf[it->nconf++] = s_hash64("k", fixed[0], strlen(fixed[0]));
     s_enqueue(q, it);
     return 0;
 }
 
 int sqlcmd_pending(const sqlcmd_t *q)
 {
-    return q->queued + q->in_flight;
+    return q->queued + q->fl[0].n + q->fl[1].n;
+}
+
+unsigned long long sqlcmd_overlapped(const sqlcmd_t *q)
+{
+    return q->overlapped;
 }
 
 void sqlcmd_stats(const sqlcmd_t *q, unsigned long long *batches, unsigned long long *commands,

@@ -19,6 +19,13 @@
  * where row k of the arrays belongs to the k-th null of $1: its idempotency
  * key, ctx now, trace id and source, then the lane's own columns.
  *
+ * A batch with any JSON command runs alone. With a second connection
+ * (lane_db), two batches of lane commands only may run at once, when they
+ * share no idempotency key and nothing their owner named at submit (see
+ * sqlcmd_submit_lane): the schema's function then takes its ordering lock
+ * late, when it writes its events, and the two never wait for each other's
+ * rows before that.
+ *
  * If a batch fails as a whole (an unexpected error in one command aborts the
  * transaction), its commands are run again one per transaction, so only the
  * faulty one gets an "internal" error and the others are unaffected. */
@@ -41,6 +48,7 @@ typedef int(sqlcmd_finish_fn)(const char *name, json_t *reply, void *arg);
 typedef void(sqlcmd_commit_fn)(void *arg);
 
 #define SQLCMD_LANE_MAX 12       /* columns of a lane after the four every lane has */
+#define SQLCMD_CONFLICTS_MAX 3   /* what a lane command names that others must not share */
 
 typedef struct {
     const char *name;            /* the command the lane carries, "scan" */
@@ -55,10 +63,12 @@ typedef struct {
     sqlcmd_finish_fn *finish;    /* may be NULL */
     sqlcmd_commit_fn *committed; /* may be NULL */
     const sqlcmd_lane_t *lane;   /* NULL: no lane; else borrowed, must outlive the executor */
+    db_t *lane_db;               /* with a lane: a second connection (borrowed), so two
+                                  * batches of lane commands run at once; NULL: one */
     void *arg;
 } sqlcmd_opts_t;
 
-/* srv and db are borrowed and must outlive the executor. Returns NULL when
+/* srv, db and opts->lane_db are borrowed and must outlive the executor. Returns NULL when
  * the schema name is not a plain identifier. */
 sqlcmd_t *sqlcmd_new(cmdsrv_t *srv, db_t *db, const sqlcmd_opts_t *opts);
 /* Stops sending to the database: queued commands are answered
@@ -75,14 +85,20 @@ void sqlcmd_destroy(sqlcmd_t **q_p);
 void sqlcmd_submit(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name, json_t **args_p);
 
 /* Queues the request as a lane command: cols holds the lane's ncols values
- * as text (numbers in decimal), borrowed. Takes ownership of *req_p, NULLing
- * it. Returns 0, or -1 (nothing taken) when there is no lane or a value, the
- * idempotency key, the trace id or the source is not UTF-8: the caller then
- * submits the command as JSON. */
-int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *cols);
+ * as text (numbers in decimal), borrowed. conflicts names, as strings, up to
+ * SQLCMD_CONFLICTS_MAX things two lane commands must not share to run in
+ * concurrent batches (a person, a nonce); the idempotency key is always
+ * one. Takes ownership of *req_p, NULLing it. Returns 0, or -1 (nothing
+ * taken) when there is no lane or a value, the idempotency key, the trace
+ * id or the source is not UTF-8: the caller then submits the command as
+ * JSON. */
+int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *cols,
+                       const char *const *conflicts, int nconflicts);
 
 /* Commands queued or in the database. */
 int sqlcmd_pending(const sqlcmd_t *q);
+/* Batches sent while another was in the database. */
+unsigned long long sqlcmd_overlapped(const sqlcmd_t *q);
 /* Counters for /metrics. */
 void sqlcmd_stats(const sqlcmd_t *q, unsigned long long *batches, unsigned long long *commands,
                   unsigned long long *retried, unsigned long long *failed);

@@ -31,13 +31,14 @@ struct registry {
     struct event_base *base;
     void *zctx;                  /* ZeroMQ context, owned */
     db_t *db;                    /* command connection */
+    db_t *lane_db;               /* second command connection, for check-in batches */
     cmdsrv_t *srv;               /* command ROUTER */
     bus_sock_t *pub;             /* event PUB */
     outbox_t *outbox;            /* relay + replay */
     sqlcmd_t *cmds;              /* batching executor */
     metrics_t *metrics;
     lx_http_t *http;             /* /healthz /readyz /metrics; NULL when off */
-    metric_t *m_commands, *m_batches, *m_retried, *m_failed, *m_published, *m_pending,
+    metric_t *m_commands, *m_batches, *m_overlapped, *m_retried, *m_failed, *m_published, *m_pending,
         *m_rejected;
     char *secret;                /* token key, owned */
     char *conninfo;              /* owned */
@@ -150,7 +151,13 @@ static int s_scan_lane_submit(registry_t *r, cmdsrv_req_t **req, const Linli__Sc
     snprintf(num[4], sizeof num[4], "%lld", (long long)at);
     snprintf(num[5], sizeof num[5], "%lld", (long long)scan->expected_id);
     const char *cols[7] = { num[0], num[1], num[2], scan->device_id, num[3], num[4], num[5] };
-    return sqlcmd_submit_lane(r->cmds, req, cols);
+    /* A batch running beside this one must not hold the same person (one
+     * open check-in each) or nonce: the unique indexes would make one wait
+     * for the other. */
+    char nonce[S_MAX_DEVICE_ID + 32];
+    snprintf(nonce, sizeof nonce, "%s/%s", scan->device_id, num[3]);
+    const char *conflicts[2] = { num[0], nonce };
+    return sqlcmd_submit_lane(r->cmds, req, cols, conflicts, scan->device_id[0] ? 2 : 1);
 }
 
 static void s_on_command(cmdsrv_t *srv, cmdsrv_req_t *req, void *arg)
@@ -277,6 +284,7 @@ static void s_on_tick(evutil_socket_t fd, short what, void *arg)
     cmdsrv_stats(r->srv, &rcv, &rej, &rep);
     metric_set_total(r->m_commands, commands);
     metric_set_total(r->m_batches, batches);
+    metric_set_total(r->m_overlapped, sqlcmd_overlapped(r->cmds));
     metric_set_total(r->m_retried, retried);
     metric_set_total(r->m_failed, failed);
     metric_set_total(r->m_rejected, rej);
@@ -289,7 +297,7 @@ static const char *s_ready(void *arg)
     registry_t *r = arg;
     if (r->stopping)
         return "shutting down";
-    if (!db_ready(r->db))
+    if (!db_ready(r->db) || !db_ready(r->lane_db))
         return "database down";
     if (!outbox_ready(r->outbox))
         return "relay not connected";
@@ -348,7 +356,8 @@ registry_t *registry_new(struct event_base *base)
     const char *conninfo = r->conninfo;
     r->zctx = zmq_ctx_new();
     r->db = db_new(base, conninfo);
-    if (!r->db)
+    r->lane_db = db_new(base, conninfo);
+    if (!r->db || !r->lane_db)
         goto fail;
     r->pub = bus_sock_new(base, r->zctx, ZMQ_PUB, NULL, NULL);
     if (!r->pub)
@@ -368,7 +377,7 @@ registry_t *registry_new(struct event_base *base)
         goto fail;
     sqlcmd_opts_t opts = { .schema = S_SCHEMA, .batch_max = (int)batch_max,
                            .finish = s_finish, .committed = s_on_committed,
-                           .lane = &s_scan_lane, .arg = r };
+                           .lane = &s_scan_lane, .lane_db = r->lane_db, .arg = r };
     r->cmds = sqlcmd_new(r->srv, r->db, &opts);
     if (!r->cmds)
         goto fail;
@@ -376,6 +385,7 @@ registry_t *registry_new(struct event_base *base)
     r->metrics = metrics_new("linli_registry");
     r->m_commands = metrics_add(r->metrics, "commands_total", "counter", "Commands answered after commit", NULL);
     r->m_batches = metrics_add(r->metrics, "batches_total", "counter", "Transactions committed", NULL);
+    r->m_overlapped = metrics_add(r->metrics, "batches_overlapped_total", "counter", "Check-in batches sent while another was in the database", NULL);
     r->m_retried = metrics_add(r->metrics, "commands_retried_total", "counter", "Commands rerun alone after their batch failed", NULL);
     r->m_failed = metrics_add(r->metrics, "commands_failed_total", "counter", "Commands answered with an internal error", NULL);
     r->m_rejected = metrics_add(r->metrics, "frames_rejected_total", "counter", "Frames refused before reaching a handler", NULL);
@@ -415,6 +425,7 @@ void registry_destroy(registry_t **r_p)
         sqlcmd_close(r->cmds);
     outbox_destroy(&r->outbox);
     db_destroy(&r->db);
+    db_destroy(&r->lane_db);
     sqlcmd_destroy(&r->cmds);
     cmdsrv_destroy(&r->srv);
     bus_sock_destroy(&r->pub);

@@ -240,8 +240,16 @@ BEGIN
     END IF;
     v_n := jsonb_array_length(p_cmds);
     -- The stream's write turn first, before any command locks a row of its
-    -- own: writers that take their locks in one order cannot deadlock.
-    PERFORM registry.s_outbox_turn();
+    -- own: writers that take their locks in one order cannot deadlock. A
+    -- batch of lane scans only takes it late, when it writes its events,
+    -- so that two such batches (the daemon runs two at once) do their
+    -- reading and checking at the same time: they lock no row, and the
+    -- unique indexes on open check-ins, nonces and keys settle any conflict
+    -- between them by aborting one (which the daemon reruns one command at
+    -- a time).
+    IF v_rows < v_n THEN
+        PERFORM registry.s_outbox_turn();
+    END IF;
     WHILE v_i < v_n LOOP
         c := p_cmds -> v_i;
         IF jsonb_typeof(c) <> 'null' THEN
