@@ -7,8 +7,12 @@
 #include "util.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <unistd.h>
 #include <zmq.h>
 
 struct bus_sock {
@@ -22,6 +26,7 @@ struct bus_sock {
     unsigned long long dropped; /* messages dropped for too many frames */
     int *alive;                 /* set to 0 on destroy while inside a callback */
     int paused;                 /* not reading */
+    int lock_fd;                /* flock on "<ipc path>.lock" while bound there; -1 */
 };
 
 static int s_pollin(bus_sock_t *s)
@@ -110,6 +115,7 @@ bus_sock_t *bus_sock_new(struct event_base *base, void *zctx, int type, bus_recv
                          void *arg)
 {
     bus_sock_t *s = xcalloc(1, sizeof *s);
+    s->lock_fd = -1;
     s->type = type;
     s->fn = fn;
     s->arg = arg;
@@ -160,12 +166,45 @@ void bus_sock_destroy(bus_sock_t **s_p)
         event_free(s->more);
     if (s->zs)
         zmq_close(s->zs);
+    if (s->lock_fd >= 0)
+        close(s->lock_fd);   /* releases the lock */
     free(s);
     *s_p = NULL;
 }
 
+/* libzmq binds an ipc:// path that another process serves by replacing its
+ * socket file, silently taking its clients. A lock held next to the file
+ * for as long as we are bound makes the second daemon refuse to start
+ * instead. Returns 0, or -1 (logged) when another process holds it. */
+static int s_ipc_lock(bus_sock_t *s, const char *endpoint)
+{
+    if (strncmp(endpoint, "ipc://", 6) != 0 || endpoint[6] == '@' || endpoint[6] == '\0' ||
+        s->lock_fd >= 0)
+        return 0;   /* not a file, or a lock held already */
+    char path[300];
+    if ((size_t)snprintf(path, sizeof path, "%s.lock", endpoint + 6) >= sizeof path) {
+        log_error("bus", "ipc path too long endpoint=%s", endpoint);
+        return -1;
+    }
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        log_error("bus", "cannot open lock file path=%s err=%s", path, strerror(errno));
+        return -1;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        log_error("bus", "another process is bound to endpoint=%s (lock %s held)", endpoint,
+                  path);
+        close(fd);
+        return -1;
+    }
+    s->lock_fd = fd;
+    return 0;
+}
+
 int bus_bind(bus_sock_t *s, const char *endpoint)
 {
+    if (s_ipc_lock(s, endpoint) != 0)
+        return -1;
     if (zmq_bind(s->zs, endpoint) != 0) {
         log_error("bus", "bind failed endpoint=%s err=%s", endpoint, zmq_strerror(errno));
         return -1;

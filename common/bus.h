@@ -46,7 +46,10 @@ bus_sock_t *bus_sock_new(struct event_base *base, void *zctx, int type, bus_recv
  * Accepts NULL; NULLs *s_p. */
 void bus_sock_destroy(bus_sock_t **s_p);
 
-/* Binds / connects; returns 0 or -1 (logged with zmq_strerror). */
+/* Binds / connects; returns 0 or -1 (logged with zmq_strerror). Binding an
+ * ipc:// path also takes a lock on "<path>.lock", held until the socket is
+ * destroyed (or the process exits): a path another process is bound to is
+ * refused, where libzmq would silently take it over. */
 int bus_bind(bus_sock_t *s, const char *endpoint);
 int bus_connect(bus_sock_t *s, const char *endpoint);
 /* The endpoint actually bound (resolves "tcp://127.0.0.1:*"); borrowed. */

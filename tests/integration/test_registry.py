@@ -1,6 +1,8 @@
 """Registry end to end: commands over ZeroMQ from a client built from proto/
 alone, the daemon as a process, real PostgreSQL. Fixtures follow the Jianghai
 District festival (shared/demo/FESTIVAL.md); the people are invented."""
+import os
+import subprocess
 import threading
 import time
 
@@ -385,6 +387,22 @@ def test_scan_lane_keeps_every_value(s):
     r = c.recv_envelope()
     assert r.reply.ok and r.reply.request_id == env.id, r
     assert s.sql("SELECT device_id FROM registry.scans WHERE person_id = %d" % p[5]) == "Q\ufffd\ufffdQ"
+
+
+def test_second_registry_on_the_same_socket_refuses_to_start(s):
+    """libzmq would let a second daemon take over an ipc:// socket file from
+    the first; the daemon refuses to start instead, and the first keeps
+    serving."""
+    s.start("registry")
+    c = s.client()
+    assert c.call("create_community", {"name": "外海街道"})["ok"]
+    env = dict(s.env, LINLI_REGISTRY_HTTP="127.0.0.1:%d" % linli.free_port())
+    p = subprocess.run([os.path.join(s.bin, "linli-registry")], env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode != 0, p
+    assert "another process is bound" in p.stderr, p.stderr
+    r = c.call("get_activity", {"activity_id": 424242})
+    assert r["error"]["code"] == "not_found", r
 
 
 def test_offline_upload_keeps_original_times(s):

@@ -156,10 +156,12 @@ static int s_group_teardown(void **state)
 {
     (void)state;
     /* Bound sockets remove their files on close; connect-only names were
-     * never created. Remove whatever is left. */
+     * never created; lock files stay. Remove whatever is left. */
     for (unsigned i = 0; i < s_next_ep; i++) {
         char path[128];
         snprintf(path, sizeof path, "%s/s%u", s_dir, i);
+        unlink(path);
+        snprintf(path, sizeof path, "%s/s%u.lock", s_dir, i);
         unlink(path);
     }
     return rmdir(s_dir);
@@ -652,7 +654,17 @@ static void test_bus_errors(void **state)
     assert_true(atoi(bound + 16) > 0);
     assert_int_equal(bus_bind(r, "nonsense://x"), -1);
     assert_int_equal(bus_connect(r, "nonsense://x"), -1);
-    /* (An ipc:// path already bound is taken over by libzmq, not refused.) */
+    /* An ipc:// path another socket is bound to is refused (libzmq alone
+     * would take it over), and free again once that socket is gone. */
+    char ipc[128];
+    s_ipc(ipc, sizeof ipc);
+    bus_sock_t *a = bus_sock_new(e->base, e->zctx, ZMQ_ROUTER, NULL, NULL);
+    bus_sock_t *b = bus_sock_new(e->base, e->zctx, ZMQ_ROUTER, NULL, NULL);
+    assert_int_equal(bus_bind(a, ipc), 0);
+    assert_int_equal(bus_bind(b, ipc), -1);
+    bus_sock_destroy(&a);
+    assert_int_equal(bus_bind(b, ipc), 0);
+    bus_sock_destroy(&b);
     char tcp[256];
     snprintf(tcp, sizeof tcp, "%s", bound);
     bus_sock_t *r2 = bus_sock_new(e->base, e->zctx, ZMQ_ROUTER, NULL, NULL);
