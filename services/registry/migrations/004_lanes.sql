@@ -149,6 +149,8 @@ BEGIN
         SELECT x.checkin_id, x.comm, x.subject, x.person, x.device, x.at_ms, x.auto
           FROM res x WHERE x.reason = ''
     ), turn AS (
+        -- the stream's write turn: in a batch of lane scans only, taken
+        -- here, after the reading and checking (see registry.exec_batch)
         SELECT registry.s_outbox_turn() AS last_seq
     ), ins_event AS (
         -- the payloads of registry.cmd_scan's events, field for field
