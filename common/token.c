@@ -11,9 +11,10 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include <openssl/params.h>
 
 #define S_PREFIX "L1."
 #define S_PREFIX_LEN 3
@@ -140,20 +141,60 @@ static int s_parse_payload(const unsigned char *p, size_t n, token_claims_t *c)
     return 0;
 }
 
+/* The HMAC-SHA256 state keyed with the last key used on this thread.
+ * Fetching the algorithm and keying cost far more than hashing a token, and
+ * a daemon verifies every scan with the same key: each MAC starts from a
+ * copy of this state. */
+static _Thread_local EVP_MAC_CTX *s_keyed;
+static _Thread_local unsigned char *s_keyed_key;
+static _Thread_local size_t s_keyed_len;
+
+static EVP_MAC_CTX *s_keyed_ctx(const void *key, size_t keylen)
+{
+    if (s_keyed && s_keyed_len == keylen && CRYPTO_memcmp(s_keyed_key, key, keylen) == 0)
+        return s_keyed;
+    EVP_MAC_CTX_free(s_keyed);
+    if (s_keyed_key)
+        OPENSSL_clear_free(s_keyed_key, s_keyed_len);
+    s_keyed = NULL;
+    s_keyed_key = NULL;
+    s_keyed_len = 0;
+    EVP_MAC *mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
+    EVP_MAC_CTX *ctx = mac ? EVP_MAC_CTX_new(mac) : NULL;
+    EVP_MAC_free(mac);
+    OSSL_PARAM params[] = { OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST,
+                                                             (char *)"SHA256", 0),
+                            OSSL_PARAM_construct_end() };
+    unsigned char *copy = OPENSSL_malloc(keylen);
+    if (!ctx || !copy || !EVP_MAC_init(ctx, key, keylen, params)) {
+        EVP_MAC_CTX_free(ctx);
+        OPENSSL_free(copy);
+        return NULL;
+    }
+    memcpy(copy, key, keylen);
+    s_keyed = ctx;
+    s_keyed_key = copy;
+    s_keyed_len = keylen;
+    return ctx;
+}
+
 /* First S_MAC_LEN bytes of HMAC-SHA256(key, msg). */
 static int s_mac(const void *key, size_t keylen, const char *msg, size_t n,
                  unsigned char out[S_MAC_LEN])
 {
     unsigned char full[EVP_MAX_MD_SIZE];
-    unsigned int fulllen = 0;
+    size_t fulllen = 0;
     if (keylen == 0 || keylen > INT_MAX)
         return -1;
-    if (!HMAC(EVP_sha256(), key, (int)keylen, (const unsigned char *)msg, n, full, &fulllen) ||
-        fulllen < S_MAC_LEN)
-        return -1;
-    memcpy(out, full, S_MAC_LEN);
+    EVP_MAC_CTX *keyed = s_keyed_ctx(key, keylen);
+    EVP_MAC_CTX *ctx = keyed ? EVP_MAC_CTX_dup(keyed) : NULL;
+    int ok = ctx && EVP_MAC_update(ctx, (const unsigned char *)msg, n) &&
+             EVP_MAC_final(ctx, full, &fulllen, sizeof full) && fulllen >= S_MAC_LEN;
+    EVP_MAC_CTX_free(ctx);
+    if (ok)
+        memcpy(out, full, S_MAC_LEN);
     OPENSSL_cleanse(full, sizeof full);
-    return 0;
+    return ok ? 0 : -1;
 }
 
 int token_sign(const token_claims_t *claims, const void *key, size_t keylen, char *out,

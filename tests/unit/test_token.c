@@ -336,10 +336,37 @@ static void test_verdict_names(void **state)
     assert_string_equal(token_verdict_name((token_verdict_t)99), "unknown");
 }
 
+/* Keys may change between calls on one thread (the MAC state of the last
+ * key is kept): each token verifies under its own key only, however the
+ * calls alternate, and a key that is a prefix of another is another key. */
+static void test_keys_alternate(void **state)
+{
+    (void)state;
+    token_claims_t in = { .kind = TOKEN_ACTIVITY, .id = 5, .community_id = 2,
+                          .expires_at = S_NOW + 1000 };
+    char a[TOKEN_MAX_LEN + 1], b[TOKEN_MAX_LEN + 1], p[TOKEN_MAX_LEN + 1];
+    token_claims_t out;
+    s_sign_ok(&in, a);
+    assert_int_equal(token_sign(&in, s_other_key, strlen(s_other_key), b, sizeof b), 0);
+    assert_int_equal(token_sign(&in, s_key, S_KEYLEN - 1, p, sizeof p), 0);
+    for (int round = 0; round < 3; round++) {
+        assert_int_equal(s_verify(a, &out), TOKEN_OK);
+        assert_int_equal(s_verify(b, &out), TOKEN_FORGED);
+        assert_int_equal(s_verify(p, &out), TOKEN_FORGED);
+        assert_int_equal(token_verify(b, strlen(b), s_other_key, strlen(s_other_key), S_NOW,
+                                      &out), TOKEN_OK);
+        assert_int_equal(token_verify(p, strlen(p), s_key, S_KEYLEN - 1, S_NOW, &out),
+                         TOKEN_OK);
+        assert_int_equal(token_verify(a, strlen(a), s_key, S_KEYLEN - 1, S_NOW, &out),
+                         TOKEN_FORGED);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_round_trip_activity),
+        cmocka_unit_test(test_keys_alternate),
         cmocka_unit_test(test_round_trip_station_max),
         cmocka_unit_test(test_not_nul_terminated),
         cmocka_unit_test(test_expiry_boundary),
