@@ -37,9 +37,10 @@ int config_load(void)
         log_error("config", "cannot open config file path=%s err=%s", path, strerror(errno));
         return -1;
     }
-    char line[4096];
+    char *line = NULL;   /* a line of any length, a long connection string say */
+    size_t cap = 0;
     int lineno = 0, rc = 0;
-    while (fgets(line, sizeof line, f)) {
+    while (getline(&line, &cap, f) >= 0) {
         lineno++;
         char *s = s_trim(line);
         if (!*s || *s == '#')
@@ -56,12 +57,14 @@ int config_load(void)
         s_entries[s_count].value = xstrdup(s_trim(eq + 1));
         s_count++;
     }
-    /* fopen succeeds on a directory and fgets then fails (EISDIR): without
-     * this check that, or any read error, would pass for an empty file. */
+    /* fopen succeeds on a directory and getline then fails (EISDIR):
+     * without this check that, or any read error, would pass for an empty
+     * file. */
     if (rc == 0 && ferror(f)) {
         log_error("config", "cannot read config file path=%s err=%s", path, strerror(errno));
         rc = -1;
     }
+    free(line);
     fclose(f);
     return rc;
 }

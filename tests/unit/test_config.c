@@ -170,6 +170,22 @@ static void test_file_syntax(void **state)
     assert_string_equal(config_get("LINLI_T_LAST", NULL), "no newline at the end");
     assert_null(config_get("LINLI_T_C", NULL));
 
+    /* A line longer than any buffer is one line, read whole. */
+    config_reset();
+    size_t big = 10000;
+    char *long_text = malloc(big + 64);
+    assert_non_null(long_text);
+    int n = snprintf(long_text, 64, "LINLI_T_A=");
+    memset(long_text + n, 'x', big);
+    snprintf(long_text + n + big, 64, "y\nLINLI_T_B=after\n");
+    assert_int_equal(s_load(long_text, NULL), 0);
+    free(long_text);
+    const char *a = config_get("LINLI_T_A", NULL);
+    assert_non_null(a);
+    assert_int_equal(strlen(a), big + 1);
+    assert_int_equal(a[big], 'y');
+    assert_string_equal(config_get("LINLI_T_B", NULL), "after");
+
     /* An empty file and a file of only comments are fine. */
     config_reset();
     assert_int_equal(s_load("", NULL), 0);
