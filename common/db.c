@@ -145,16 +145,6 @@ static void s_on_notice(void *arg, const PGresult *res)
 
 /* ---- batches ---- */
 
-static uint64_t s_hash(const char *s, size_t n)
-{
-    uint64_t h = 14695981039346656037ULL; /* FNV-1a */
-    for (size_t i = 0; i < n; i++) {
-        h ^= (unsigned char)s[i];
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
-
 /* Appends n bytes of s and a NUL to the batch's text; returns the offset.
  * Offsets, not pointers, because the buffer moves as it grows. */
 static size_t s_text_put(db_batch_t *b, const char *s, size_t n)
@@ -199,7 +189,7 @@ void db_batch_add(db_batch_t *b, const char *sql, int nparams, const char *const
     s_stmt_t *s = &b->stmts[b->count++];
     s->fn = fn;
     s->arg = arg;
-    s->hash = s_hash(sql, n);
+    s->hash = util_fnv1a(UTIL_FNV_SEED, sql, n);
     s->sql = s_text_put(b, sql, n);
     s->param0 = b->nparams;
     s->nparams = nparams;

@@ -267,14 +267,10 @@ static void s_send(sqlcmd_t *q, s_flight_t *f)
     db_batch_submit(f->db, &b, s_on_done, f);
 }
 
-static uint64_t s_hash64(const char *tag, const char *s, size_t n)
+/* A conflict hash: tag (one byte) then s; never 0, which marks a free slot. */
+static uint64_t s_conflict_hash(char tag, const char *s)
 {
-    uint64_t h = 14695981039346656037ull;
-    for (const char *p = tag; *p; p++)
-        h = (h ^ (unsigned char)*p) * 1099511628211ull;
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ (unsigned char)s[i]) * 1099511628211ull;
-    return h | 1;   /* 0 marks a free slot */
+    return util_fnv1a(util_fnv1a(UTIL_FNV_SEED, &tag, 1), s, strlen(s)) | 1;
 }
 
 /* Remembers the conflict hashes of f's items. */
@@ -455,6 +451,18 @@ void sqlcmd_destroy(sqlcmd_t **q_p)
     *q_p = NULL;
 }
 
+/* When the queue is full, answers "overloaded" (taking *req_p) and returns
+ * true. */
+static bool s_full(sqlcmd_t *q, cmdsrv_req_t **req_p)
+{
+    if (q->queued < q->opts.queue_max)
+        return false;
+    if (*req_p)
+        cmdsrv_reply_error(q->srv, req_p, "overloaded", "too many commands queued; retry later");
+    *req_p = NULL;
+    return true;
+}
+
 static void s_enqueue(sqlcmd_t *q, s_item_t *it)
 {
     if (q->tail)
@@ -468,16 +476,14 @@ static void s_enqueue(sqlcmd_t *q, s_item_t *it)
 
 void sqlcmd_submit(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name, json_t **args_p)
 {
-    cmdsrv_req_t *req = *req_p;
     json_t *args = *args_p;
-    *req_p = NULL;
     *args_p = NULL;
-    if (q->queued >= q->opts.queue_max) {
+    if (s_full(q, req_p)) {
         json_decref(args);
-        if (req)
-            cmdsrv_reply_error(q->srv, &req, "overloaded", "too many commands queued; retry later");
         return;
     }
+    cmdsrv_req_t *req = *req_p;
+    *req_p = NULL;
     const Linli__Envelope *env = req ? cmdsrv_req_envelope(req) : NULL;
     s_item_t *it = xcalloc(1, sizeof *it);
     it->req = req;
@@ -533,6 +539,8 @@ int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *col
 {
     if (!q->ncols || nconflicts < 0 || nconflicts > SQLCMD_CONFLICTS_MAX)
         return -1;
+    if (s_full(q, req_p))
+        return 0;
     const Linli__Envelope *env = *req_p ? cmdsrv_req_envelope(*req_p) : NULL;
     char now[24];
     snprintf(now, sizeof now, "%lld", (long long)now_ms());
@@ -548,14 +556,6 @@ int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *col
         free(vals);
         return -1;
     }
-    if (q->queued >= q->opts.queue_max) {
-        free(vals);
-        cmdsrv_req_t *req = *req_p;
-        *req_p = NULL;
-        if (req)
-            cmdsrv_reply_error(q->srv, &req, "overloaded", "too many commands queued; retry later");
-        return 0;
-    }
     s_item_t *it = xcalloc(1, sizeof *it);
     it->req = *req_p;
     *req_p = NULL;
@@ -564,9 +564,9 @@ int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *col
     it->json_len = 4;
     it->vals = vals;
     for (int k = 0; k < nconflicts; k++)
-        it->conf[it->nconf++] = s_hash64("c", conflicts[k], strlen(conflicts[k]));
+        it->conf[it->nconf++] = s_conflict_hash('c', conflicts[k]);
     if (fixed[0][0])
-        it->conf[it->nconf++] = s_hash64("k", fixed[0], strlen(fixed[0]));
+        it->conf[it->nconf++] = s_conflict_hash('k', fixed[0]);
     s_enqueue(q, it);
     return 0;
 }

@@ -131,6 +131,14 @@ int uuid_valid(const char *s)
     return s && strlen(s) == 36 && uuid_parse(s, u) == 0;
 }
 
+uint64_t util_fnv1a(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *s = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ s[i]) * 1099511628211ull;
+    return h;
+}
+
 size_t utf8_seq_len(const unsigned char *p, size_t n)
 {
     static const uint32_t min[] = {0, 0, 0x80, 0x800, 0x10000};

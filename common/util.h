@@ -29,6 +29,11 @@ int64_t now_ms(void);
 /* Monotonic clock in microseconds, for measuring intervals. */
 int64_t mono_us(void);
 
+/* FNV-1a over n bytes, continuing from h (start from UTIL_FNV_SEED): a
+ * cheap hash for tables and cache keys, not for anything adversarial. */
+#define UTIL_FNV_SEED 14695981039346656037ull
+uint64_t util_fnv1a(uint64_t h, const void *p, size_t n);
+
 /* Length of the well-formed UTF-8 sequence at p (n > 0 bytes left), or 0
  * when it is not one (overlong, surrogate, past U+10FFFF, cut short). */
 size_t utf8_seq_len(const unsigned char *p, size_t n);

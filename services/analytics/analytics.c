@@ -406,14 +406,10 @@ static void s_vals_append(s_mop_t *m, const char *v, int sep)
  * batch has no room for another. */
 static s_mop_t *s_batch_op(s_batch_t *b, const char *op, const char *key, const char *field)
 {
-    uint32_t h = 2166136261u;
-    for (const char *p = op; *p; p++)
-        h = (h ^ (unsigned char)*p) * 16777619u;
-    for (const char *p = key; *p; p++)
-        h = (h ^ (unsigned char)*p) * 16777619u;
-    for (const char *p = field; *p; p++)
-        h = (h ^ (unsigned char)*p) * 16777619u;
-    for (uint32_t i = h % LX_ARRAY_LEN(b->slot);; i = (i + 1) % LX_ARRAY_LEN(b->slot)) {
+    uint64_t h = util_fnv1a(UTIL_FNV_SEED, op, strlen(op) + 1);
+    h = util_fnv1a(h, key, strlen(key) + 1);
+    h = util_fnv1a(h, field, strlen(field));
+    for (size_t i = h % LX_ARRAY_LEN(b->slot);; i = (i + 1) % LX_ARRAY_LEN(b->slot)) {
         int s = b->slot[i];
         if (s == 0)
             break;
@@ -423,7 +419,7 @@ static s_mop_t *s_batch_op(s_batch_t *b, const char *op, const char *key, const 
     }
     if (b->n >= S_BATCH_OPS)
         return NULL;
-    uint32_t i = h % LX_ARRAY_LEN(b->slot);
+    size_t i = h % LX_ARRAY_LEN(b->slot);
     while (b->slot[i])
         i = (i + 1) % LX_ARRAY_LEN(b->slot);
     s_mop_t *m = &b->ops[b->n];

@@ -129,9 +129,21 @@ static void test_strings_and_clocks(void **state)
     assert_true(now_ms() > 1700000000000LL);
 }
 
+/* FNV-1a 64, the published vectors, and continuing equals hashing at once. */
+static void test_fnv1a(void **state)
+{
+    (void)state;
+    assert_true(util_fnv1a(UTIL_FNV_SEED, "", 0) == 0xcbf29ce484222325ull);
+    assert_true(util_fnv1a(UTIL_FNV_SEED, "a", 1) == 0xaf63dc4c8601ec8cull);
+    assert_true(util_fnv1a(UTIL_FNV_SEED, "foobar", 6) == 0x85944171f73967e8ull);
+    assert_true(util_fnv1a(util_fnv1a(UTIL_FNV_SEED, "foo", 3), "bar", 3) ==
+                util_fnv1a(UTIL_FNV_SEED, "foobar", 6));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_fnv1a),
         cmocka_unit_test(test_uuid_form),
         cmocka_unit_test(test_uuid_unique),
         cmocka_unit_test(test_uuid_fork),
