@@ -288,12 +288,14 @@ CREATE TRIGGER entries_balanced AFTER INSERT ON timebank.entries
 
 -- ------------------------------------------------------------ delivery
 
+-- The first reply to every command sent with an idempotency key; as json
+-- text, which is written often and read back only for a retry.
 CREATE TABLE timebank.command_log (
     key         text        PRIMARY KEY,
     command     text        NOT NULL,
     code        text        NOT NULL,
     message     text        NOT NULL,
-    result      jsonb       NOT NULL,
+    result      json        NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 

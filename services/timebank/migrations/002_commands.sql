@@ -1516,7 +1516,7 @@ BEGIN
                 RETURN timebank.s_err('idempotency_conflict',
                     'This idempotency key was already used for another command.');
             END IF;
-            RETURN ROW(v_log.code, v_log.message, v_log.result)::timebank.cmd_result;
+            RETURN ROW(v_log.code, v_log.message, v_log.result::jsonb)::timebank.cmd_result;
         END IF;
         v_ctx := v_ctx || jsonb_build_object('key', v_key);
     ELSE
@@ -1548,39 +1548,9 @@ BEGIN
     END IF;
     IF v_key <> '' AND NOT v_read AND r.code <> 'unknown_command' THEN
         INSERT INTO timebank.command_log (key, command, code, message, result)
-        VALUES (v_key, p_name, r.code, r.message, r.result);
+        VALUES (v_key, p_name, r.code, r.message, r.result::json);
     END IF;
     RETURN r;
-END
-$$;
-
--- Runs a batch (common/sqlcmd.h): the stream's write turn first, so that
--- every writer takes its locks in one order, then each command in order.
-CREATE FUNCTION timebank.exec_batch(p_cmds jsonb)
-RETURNS TABLE (i integer, code text, message text, result text)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    v_n  integer;
-    v_i  integer := 0;
-    c    jsonb;
-    r    timebank.cmd_result;
-BEGIN
-    IF jsonb_typeof(p_cmds) IS DISTINCT FROM 'array' THEN
-        RAISE EXCEPTION 'timebank.exec_batch takes a JSON array' USING ERRCODE = '22023';
-    END IF;
-    v_n := jsonb_array_length(p_cmds);
-    PERFORM timebank.s_outbox_turn();
-    WHILE v_i < v_n LOOP
-        c := p_cmds -> v_i;
-        r := timebank.exec(c ->> 'n', c ->> 'k', c -> 'a', c -> 'c');
-        i := v_i;
-        code := r.code;
-        message := r.message;
-        result := r.result::text;
-        RETURN NEXT;
-        v_i := v_i + 1;
-    END LOOP;
 END
 $$;
 
