@@ -108,7 +108,9 @@ static Linli__Reply *s_build_reply(const sqlcmd_t *q, const s_item_t *it)
     if (!ok)
         json_object_set_new(j, "error", json_pack("{s:s, s:s}", "code", it->code, "message",
                                                   it->message[0] ? it->message : it->code));
-    if (it->result) {
+    /* An internal command's result (nobody reads it) may be of a kind no
+     * command returns: it must not turn an "ok" into a failure. */
+    if (it->result && (it->req || pbjson_field(&linli__reply__descriptor, it->name))) {
         json_error_t jerr;
         json_t *r = json_loads(it->result, 0, &jerr);
         if (r && json_is_object(r) && json_object_size(r) > 0)
@@ -139,9 +141,12 @@ static void s_answer(sqlcmd_t *q, s_item_t *it, Linli__Reply *reply)
     if (it->req) {
         cmdsrv_reply(q->srv, &it->req, reply);
     } else {
+        const char *code = reply->ok ? "ok" : reply->error && reply->error->code
+                                                  ? reply->error->code : "internal";
         if (!reply->ok)
-            log_warn("sqlcmd", "internal command failed command=%s code=%s", it->name,
-                     reply->error ? reply->error->code : "?");
+            log_warn("sqlcmd", "internal command failed command=%s code=%s", it->name, code);
+        if (q->opts.internal)
+            q->opts.internal(it->name, code, q->opts.arg);
         linli__reply__free_unpacked(reply, NULL);
     }
 }
@@ -451,14 +456,19 @@ void sqlcmd_destroy(sqlcmd_t **q_p)
     *q_p = NULL;
 }
 
-/* When the queue is full, answers "overloaded" (taking *req_p) and returns
- * true. */
-static bool s_full(sqlcmd_t *q, cmdsrv_req_t **req_p)
+/* When the queue is full, answers "overloaded" (taking *req_p; for an
+ * internal command named name, telling opts->internal) and returns true. */
+static bool s_full(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name)
 {
     if (q->queued < q->opts.queue_max)
         return false;
-    if (*req_p)
+    if (*req_p) {
         cmdsrv_reply_error(q->srv, req_p, "overloaded", "too many commands queued; retry later");
+    } else {
+        log_warn("sqlcmd", "internal command failed command=%s code=overloaded", name);
+        if (q->opts.internal)
+            q->opts.internal(name, "overloaded", q->opts.arg);
+    }
     *req_p = NULL;
     return true;
 }
@@ -478,7 +488,7 @@ void sqlcmd_submit(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name, json_t *
 {
     json_t *args = *args_p;
     *args_p = NULL;
-    if (s_full(q, req_p)) {
+    if (s_full(q, req_p, name)) {
         json_decref(args);
         return;
     }
@@ -539,7 +549,7 @@ int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *col
 {
     if (!q->ncols || nconflicts < 0 || nconflicts > SQLCMD_CONFLICTS_MAX)
         return -1;
-    if (s_full(q, req_p))
+    if (s_full(q, req_p, q->opts.lane->name))
         return 0;
     const Linli__Envelope *env = *req_p ? cmdsrv_req_envelope(*req_p) : NULL;
     char now[24];

@@ -46,6 +46,15 @@ typedef struct sqlcmd sqlcmd_t;
 typedef int(sqlcmd_finish_fn)(const char *name, json_t *reply, void *arg);
 /* Called after each committed batch (e.g. to wake the outbox relay). */
 typedef void(sqlcmd_commit_fn)(void *arg);
+/* Called once with the outcome of every internal command (one submitted
+ * with a NULL request, whose reply nobody else sees): its name and "ok", or
+ * its error code: the function's own, "internal" when it failed or its
+ * result did not fit, "invalid_argument" when its arguments could not be
+ * encoded, "overloaded" when the queue was full and it was not taken, or
+ * "unavailable" when the executor closed first. It may run inside
+ * sqlcmd_submit (refused at once), sqlcmd_close and sqlcmd_destroy, so it
+ * must not destroy the executor; it may submit more. name is borrowed. */
+typedef void(sqlcmd_internal_fn)(const char *name, const char *code, void *arg);
 
 #define SQLCMD_LANE_MAX 12       /* columns of a lane after the four every lane has */
 #define SQLCMD_CONFLICTS_MAX 3   /* what a lane command names that others must not share */
@@ -62,6 +71,7 @@ typedef struct {
     int queue_max;               /* queued beyond this: "overloaded" replies */
     sqlcmd_finish_fn *finish;    /* may be NULL */
     sqlcmd_commit_fn *committed; /* may be NULL */
+    sqlcmd_internal_fn *internal; /* may be NULL */
     const sqlcmd_lane_t *lane;   /* NULL: no lane; else borrowed, must outlive the executor */
     db_t *lane_db;               /* with a lane: a second connection (borrowed), so two
                                   * batches of lane commands run at once; NULL: one */
@@ -81,7 +91,10 @@ void sqlcmd_destroy(sqlcmd_t **q_p);
 /* Queues the request as a call of exec(name, key, args, ctx). Takes ownership
  * of *req_p and of args (a JSON object; its reference is stolen), NULLing
  * both. A NULL *req_p is an internal command (such as a periodic sweep): it
- * runs without an idempotency key and its reply is dropped. */
+ * runs without an idempotency key and its reply is dropped, after its code
+ * has gone to opts->internal (a failure is also logged). A result that
+ * linli.Reply has no field for (name is no command) is dropped too, rather
+ * than turned into an "internal" error. */
 void sqlcmd_submit(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name, json_t **args_p);
 
 /* Queues the request as a lane command: cols holds the lane's ncols values

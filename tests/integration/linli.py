@@ -5,6 +5,8 @@ processes against real PostgreSQL and Redis.
     import linli
     c = linli.Client("tcp://127.0.0.1:7101")
     reply = c.call("create_community", {"name": "江翠社区"})
+    t = linli.Client("tcp://127.0.0.1:7111", service="timebank")
+    reply = t.call("get_totals", {})
 
 The Python protobuf modules are generated from proto/ with protoc on first
 import, into $LINLI_PY_OUT or a directory under /tmp.
@@ -46,14 +48,16 @@ class Timeout(Exception):
 
 
 class Client:
-    """One DEALER connection to a service's command endpoint."""
+    """One DEALER connection to a service's command endpoint. service names
+    it in each envelope's type ("timebank.get_totals")."""
 
-    def __init__(self, endpoint, source="pytest", ctx=None):
+    def __init__(self, endpoint, source="pytest", ctx=None, service="registry"):
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self.source = source
+        self.service = service
 
     def close(self):
         self.sock.close(0)
@@ -63,7 +67,7 @@ class Client:
         env.id = str(uuid.uuid4())
         env.idempotency_key = key if key is not None else str(uuid.uuid4())
         env.source = self.source
-        env.type = "registry." + name
+        env.type = self.service + "." + name
         env.occurred_at = int(time.time() * 1000)
         env.community_id = community_id
         env.trace_id = uuid.uuid4().hex[:16]
@@ -189,8 +193,8 @@ class Redis:
 
 
 class System:
-    """A registry (and optionally analytics) running as processes with a
-    database and a Redis key prefix of their own."""
+    """A registry (and optionally analytics and the timebank) running as
+    processes with a database and a Redis key prefix of their own."""
 
     def __init__(self, name):
         self.name = name
@@ -209,17 +213,28 @@ class System:
         with open(secret, "w") as f:
             f.write(uuid.uuid4().hex + uuid.uuid4().hex)
         os.chmod(secret, 0o600)
+        cert_secret = os.path.join(self.var, "cert.secret")
+        with open(cert_secret, "w") as f:
+            f.write(uuid.uuid4().hex + uuid.uuid4().hex)
+        os.chmod(cert_secret, 0o600)
         self.cmd = "ipc://%s/cmd.sock" % self.var
         self.pub = "ipc://%s/pub.sock" % self.var
-        self.http = {"registry": free_port(), "analytics": free_port()}
+        self.timebank_cmd = "ipc://%s/tb-cmd.sock" % self.var
+        self.timebank_pub = "ipc://%s/tb-pub.sock" % self.var
+        self.http = {"registry": free_port(), "analytics": free_port(), "timebank": free_port()}
         self.env = dict(os.environ,
                         LINLI_PG=self.pg, LINLI_REDIS=self.redis_addr,
                         LINLI_REDIS_PREFIX=self.prefix,
                         LINLI_REGISTRY_CMD=self.cmd, LINLI_REGISTRY_PUB=self.pub,
                         LINLI_REGISTRY_HTTP="127.0.0.1:%d" % self.http["registry"],
                         LINLI_ANALYTICS_HTTP="127.0.0.1:%d" % self.http["analytics"],
+                        LINLI_TIMEBANK_CMD=self.timebank_cmd,
+                        LINLI_TIMEBANK_PUB=self.timebank_pub,
+                        LINLI_TIMEBANK_HTTP="127.0.0.1:%d" % self.http["timebank"],
                         LINLI_TOKEN_SECRET_FILE=secret,
+                        LINLI_CERT_SECRET_FILE=cert_secret,
                         LINLI_REGISTRY_MIGRATIONS=os.path.join(ROOT, "services/registry/migrations"),
+                        LINLI_TIMEBANK_MIGRATIONS=os.path.join(ROOT, "services/timebank/migrations"),
                         LINLI_LOG_LEVEL=os.environ.get("LINLI_LOG_LEVEL", "info"))
         self.procs = {}
         self.clients = []
@@ -269,8 +284,11 @@ class System:
         except OSError:
             return ""
 
-    def client(self):
-        c = Client(self.cmd)
+    def client(self, service="registry"):
+        """A client of the registry or, with service="timebank", of the
+        timebank (whose readiness needs the registry running too)."""
+        endpoint = {"registry": self.cmd, "timebank": self.timebank_cmd}[service]
+        c = Client(endpoint, service=service)
         self.clients.append(c)
         return c
 
