@@ -544,12 +544,14 @@ static int s_quote(char **buf, size_t *len, size_t *cap, const char *s)
     return 0;
 }
 
-int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *cols,
-                       const char *const *conflicts, int nconflicts)
+int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name,
+                       const char *const *cols, const char *const *conflicts, int nconflicts)
 {
     if (!q->ncols || nconflicts < 0 || nconflicts > SQLCMD_CONFLICTS_MAX)
         return -1;
-    if (s_full(q, req_p, q->opts.lane->name))
+    if (!name)
+        name = q->opts.lane->name;
+    if (s_full(q, req_p, name))
         return 0;
     const Linli__Envelope *env = *req_p ? cmdsrv_req_envelope(*req_p) : NULL;
     char now[24];
@@ -569,7 +571,7 @@ int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *col
     s_item_t *it = xcalloc(1, sizeof *it);
     it->req = *req_p;
     *req_p = NULL;
-    it->name = xstrdup(q->opts.lane->name);
+    it->name = xstrdup(name);
     it->json = xstrdup("null");
     it->json_len = 4;
     it->vals = vals;

@@ -98,15 +98,17 @@ void sqlcmd_destroy(sqlcmd_t **q_p);
 void sqlcmd_submit(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name, json_t **args_p);
 
 /* Queues the request as a lane command: cols holds the lane's ncols values
- * as text (numbers in decimal), borrowed. conflicts names, as strings, up to
- * SQLCMD_CONFLICTS_MAX things two lane commands must not share to run in
- * concurrent batches (a person, a nonce); the idempotency key is always
- * one. Takes ownership of *req_p, NULLing it. Returns 0, or -1 (nothing
- * taken) when there is no lane or a value, the idempotency key, the trace
- * id or the source is not UTF-8: the caller then submits the command as
- * JSON. */
-int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *const *cols,
-                       const char *const *conflicts, int nconflicts);
+ * as text (numbers in decimal), borrowed. name is the command's (its reply
+ * is answered under it), or NULL for the lane's own name; a lane may carry
+ * several commands that share its columns (gifts and spends). conflicts
+ * names, as strings, up to SQLCMD_CONFLICTS_MAX things two lane commands
+ * must not share to run in concurrent batches (a person, a nonce); the
+ * idempotency key is always one. Takes ownership of *req_p, NULLing it.
+ * Returns 0, or -1 (nothing taken) when there is no lane or a value, the
+ * idempotency key, the trace id or the source is not UTF-8: the caller
+ * then submits the command as JSON. */
+int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name,
+                       const char *const *cols, const char *const *conflicts, int nconflicts);
 
 /* Commands queued or in the database. */
 int sqlcmd_pending(const sqlcmd_t *q);

@@ -1,5 +1,7 @@
-/* linlictl's subcommands: send any registry command as JSON and print the
- * reply as JSON, fetch a printable QR code, follow the event stream. */
+/* linlictl's subcommands: send any registry or timebank command as JSON and
+ * print the reply as JSON, fetch a printable QR code, follow the event
+ * stream. Commands go to the service that owns them, told by their field
+ * number in linli.Command (proto/envelope.proto). */
 #include "ctl.h"
 
 #include "cmdcli.h"
@@ -15,7 +17,13 @@
 #include <string.h>
 #include <zmq.h>
 
-static void s_print_json(const ProtobufCMessage *m)
+/* Field numbers of linli.Command by owning service (proto/envelope.proto). */
+#define S_REGISTRY_FIRST 1
+#define S_REGISTRY_LAST 63
+#define S_TIMEBANK_FIRST 64
+#define S_TIMEBANK_LAST 127
+
+void ctl_print_json(const ProtobufCMessage *m)
 {
     json_t *j = pbjson_from_message(m);
     char *text = json_dumps(j, JSON_INDENT(2) | JSON_ENSURE_ASCII * 0);
@@ -24,19 +32,42 @@ static void s_print_json(const ProtobufCMessage *m)
     json_decref(j);
 }
 
-/* Sends cmd (taken) and returns the reply envelope, or NULL after printing
- * why. Timeouts resend the same envelope: same id and key, so the service
- * answers with its first reply. */
-static Linli__Envelope *s_send(const ctl_opts_t *o, Linli__Command *cmd)
+const char *ctl_service(const ctl_opts_t *o, const char *name, const char **endpoint)
 {
+    const ProtobufCFieldDescriptor *f = name ? pbjson_field(&linli__command__descriptor, name)
+                                             : NULL;
+    const char *service = NULL, *ep = NULL;
+    if (f && f->id >= S_REGISTRY_FIRST && f->id <= S_REGISTRY_LAST) {
+        service = "registry";
+        ep = o->endpoint;
+    } else if (f && f->id >= S_TIMEBANK_FIRST && f->id <= S_TIMEBANK_LAST) {
+        service = "timebank";
+        ep = o->timebank;
+    }
+    if (endpoint)
+        *endpoint = ep;
+    return service;
+}
+
+/* Timeouts resend the same envelope: same id and key, so the service
+ * answers with its first reply. */
+Linli__Envelope *ctl_send(const ctl_opts_t *o, const char *key, Linli__Command *cmd)
+{
+    const char *endpoint;
+    const char *service = ctl_service(o, envelope_command_name(cmd), &endpoint);
+    if (!service) {
+        fprintf(stderr, "linlictl: no service owns this command\n");
+        protobuf_c_message_free_unpacked(&cmd->base, NULL);
+        return NULL;
+    }
     void *zctx = zmq_ctx_new();
-    Linli__Envelope *env = cmdcli_envelope("registry", "linlictl", o->key, 0, cmd);
+    Linli__Envelope *env = cmdcli_envelope(service, "linlictl", key, 0, cmd);
     Linli__Envelope *reply = NULL;
     int rc = LX_AGAIN;
     for (int i = 0; i <= o->retries && rc == LX_AGAIN; i++)
-        rc = cmdcli_call(zctx, o->endpoint, env, o->timeout_ms, &reply);
+        rc = cmdcli_call(zctx, endpoint, env, o->timeout_ms, &reply);
     if (rc == LX_AGAIN)
-        fprintf(stderr, "linlictl: no reply from %s within %d ms\n", o->endpoint, o->timeout_ms);
+        fprintf(stderr, "linlictl: no reply from %s within %d ms\n", endpoint, o->timeout_ms);
     protobuf_c_message_free_unpacked(&env->base, NULL);
     zmq_ctx_term(zctx);
     return reply;
@@ -60,17 +91,17 @@ int ctl_call(const ctl_opts_t *o, int argc, char **argv)
         fprintf(stderr, "usage: linlictl call COMMAND ['{json arguments}']\n");
         return 2;
     }
-    if (!pbjson_field(&linli__command__descriptor, argv[0])) {
+    if (!ctl_service(o, argv[0], NULL)) {
         fprintf(stderr, "linlictl: unknown command '%s'\n", argv[0]);
         return 2;
     }
     Linli__Command *cmd = s_parse_command(argv[0], argc == 2 ? argv[1] : "{}");
     if (!cmd)
         return 2;
-    Linli__Envelope *reply = s_send(o, cmd);
+    Linli__Envelope *reply = ctl_send(o, o->key, cmd);
     if (!reply)
         return 2;
-    s_print_json(&reply->reply->base);
+    ctl_print_json(&reply->reply->base);
     int rc = reply->reply->ok ? 0 : 1;
     envelope_free(&reply);
     return rc;
@@ -100,12 +131,12 @@ int ctl_qr(const ctl_opts_t *o, int argc, char **argv)
     Linli__Command *cmd = s_parse_command("issue_token", args);
     if (!cmd)
         return 2;
-    Linli__Envelope *reply = s_send(o, cmd);
+    Linli__Envelope *reply = ctl_send(o, o->key, cmd);
     if (!reply)
         return 2;
     int rc = 1;
     if (!reply->reply->ok || reply->reply->result_case != LINLI__REPLY__RESULT_ISSUE_TOKEN) {
-        s_print_json(&reply->reply->base);
+        ctl_print_json(&reply->reply->base);
         goto done;
     }
     const Linli__TokenResult *t = reply->reply->issue_token;

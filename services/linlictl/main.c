@@ -10,14 +10,18 @@
 static int s_usage(FILE *f)
 {
     fprintf(f, "usage: linlictl [--key KEY] [--timeout MS] [--retries N] COMMAND ...\n"
-               "  call NAME ['{json}']     send a registry command, print the reply as JSON\n"
-               "                           (e.g. call get_activity '{\"activity_id\":1}')\n"
+               "  call NAME ['{json}']     send a registry or timebank command, print the reply\n"
+               "                           as JSON (e.g. call get_activity '{\"activity_id\":1}')\n"
                "  qr (--activity ID|--station ID) [--valid S] -o FILE.svg|.png\n"
                "                           issue a signed check-in token as a printable QR code\n"
                "  stats [--community ID] [--activity ID] [--json]\n"
                "                           live counts from Redis\n"
                "  tail [-n COUNT]          print registry events as they are published\n"
-               "Endpoints come from LINLI_REGISTRY_CMD, LINLI_REGISTRY_PUB and LINLI_REDIS.\n"
+               "  timebank|tb SUBCOMMAND   hours: balance, statement, gift, record, approve, ...\n"
+               "                           (linlictl tb help lists them)\n"
+               "  cert verify CODE         check a certificate's code (exit 1: not valid)\n"
+               "Endpoints come from LINLI_REGISTRY_CMD, LINLI_REGISTRY_PUB, LINLI_TIMEBANK_CMD\n"
+               "and LINLI_REDIS.\n"
                "Exit status: 0 ok, 1 the service answered with an error, 2 usage or transport.\n");
     return f == stdout ? 0 : 2;
 }
@@ -29,6 +33,7 @@ int main(int argc, char **argv)
         return 2;
     ctl_opts_t o = { .endpoint = config_get("LINLI_REGISTRY_CMD", "tcp://127.0.0.1:7101"),
                      .pub = config_get("LINLI_REGISTRY_PUB", "tcp://127.0.0.1:7102"),
+                     .timebank = config_get("LINLI_TIMEBANK_CMD", "tcp://127.0.0.1:7111"),
                      .timeout_ms = 5000,
                      .retries = 2 };
     int i = 1;
@@ -63,5 +68,9 @@ int main(int argc, char **argv)
         return ctl_tail(&o, rest, rargv);
     if (!strcmp(cmd, "stats"))
         return ctl_stats(&o, rest, rargv);
+    if (!strcmp(cmd, "timebank") || !strcmp(cmd, "tb"))
+        return ctl_timebank(&o, rest, rargv);
+    if (!strcmp(cmd, "cert"))
+        return ctl_cert(&o, rest, rargv);
     return s_usage(stderr);
 }

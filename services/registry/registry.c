@@ -157,7 +157,7 @@ static int s_scan_lane_submit(registry_t *r, cmdsrv_req_t **req, const Linli__Sc
     char nonce[S_MAX_DEVICE_ID + 32];
     snprintf(nonce, sizeof nonce, "%s/%s", scan->device_id, num[3]);
     const char *conflicts[2] = { num[0], nonce };
-    return sqlcmd_submit_lane(r->cmds, req, cols, conflicts, scan->device_id[0] ? 2 : 1);
+    return sqlcmd_submit_lane(r->cmds, req, NULL, cols, conflicts, scan->device_id[0] ? 2 : 1);
 }
 
 static void s_on_command(cmdsrv_t *srv, cmdsrv_req_t *req, void *arg)

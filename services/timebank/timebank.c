@@ -35,6 +35,7 @@ struct timebank {
     struct event_base *base;
     void *zctx;                  /* ZeroMQ context, owned */
     db_t *db;                    /* command connection */
+    db_t *lane_db;               /* second command connection, for batches of movements */
     cmdsrv_t *srv;               /* command ROUTER */
     bus_sock_t *pub;             /* event PUB */
     outbox_t *outbox;            /* relay + replay */
@@ -93,6 +94,76 @@ done:
 
 /* ---- commands ---- */
 
+#define S_MAX_MINUTES 60000000   /* one movement: a million hours */
+#define S_MAX_MEMO 200
+#define S_MAX_SERVICE 64
+
+/* The movement lane (003_lanes.sql): command name, payer, payee (0: a
+ * pool), the pool's community, minutes, service, memo. */
+static const sqlcmd_lane_t s_move_lane = {
+    .name = "gift",
+    .ncols = 7,
+    .types = { "text", "bigint", "bigint", "bigint", "bigint", "text", "text" },
+};
+
+/* Gifts and spends whose arguments timebank.exec would take go in the
+ * lane; the rest as JSON, which answers what is wrong with them. Returns 0
+ * when the request was taken. */
+static int s_move_lane_submit(timebank_t *t, cmdsrv_req_t **req, const Linli__Command *cmd)
+{
+    int64_t from, to, pool = 0;
+    uint32_t minutes;
+    const char *name, *service = "", *memo;
+    if (cmd->command_case == LINLI__COMMAND__COMMAND_GIFT) {
+        const Linli__Gift *g = cmd->gift;
+        name = "gift";
+        from = g->from_person_id;
+        to = g->to_person_id;
+        minutes = g->minutes;
+        memo = g->memo;
+        if (to <= 0)
+            return -1;
+    } else if (cmd->command_case == LINLI__COMMAND__COMMAND_SPEND) {
+        const Linli__Spend *sp = cmd->spend;
+        name = "spend";
+        from = sp->person_id;
+        to = sp->provider_id;
+        pool = sp->community_id;
+        minutes = sp->minutes;
+        service = sp->service;
+        memo = sp->memo;
+        size_t sl = strlen(service);
+        if (to < 0 || pool < 0 || (to > 0 && pool != 0) || sl < 1 || sl > S_MAX_SERVICE)
+            return -1;
+    } else {
+        return -1;
+    }
+    if (from <= 0 || from == to || minutes < 1 || minutes > S_MAX_MINUTES ||
+        strlen(memo) > S_MAX_MEMO)
+        return -1;
+    char num[4][24];
+    snprintf(num[0], sizeof num[0], "%" PRId64, from);
+    snprintf(num[1], sizeof num[1], "%" PRId64, to);
+    snprintf(num[2], sizeof num[2], "%" PRId64, pool);
+    snprintf(num[3], sizeof num[3], "%" PRIu32, minutes);
+    const char *cols[7] = { name, num[0], num[1], num[2], num[3], service, memo };
+    /* Two batches that share an account wait for each other's row locks
+     * (taken in id order: they cannot deadlock); naming the accounts here
+     * keeps them from running at once at all. A pool named by its
+     * community's id and the same pool reached as the payer's own are two
+     * names: such batches merely wait. */
+    char payer[32], payee[32];
+    snprintf(payer, sizeof payer, "p%" PRId64, from);
+    if (to > 0)
+        snprintf(payee, sizeof payee, "p%" PRId64, to);
+    else if (pool > 0)
+        snprintf(payee, sizeof payee, "c%" PRId64, pool);
+    else
+        snprintf(payee, sizeof payee, "o%" PRId64, from);
+    const char *conflicts[2] = { payer, payee };
+    return sqlcmd_submit_lane(t->cmds, req, name, cols, conflicts, 2);
+}
+
 static void s_on_command(cmdsrv_t *srv, cmdsrv_req_t *req, void *arg)
 {
     timebank_t *t = arg;
@@ -112,6 +183,8 @@ static void s_on_command(cmdsrv_t *srv, cmdsrv_req_t *req, void *arg)
         cmdsrv_reply_error(srv, &req, "unknown_command", "this service has no such command");
         return;
     }
+    if (s_move_lane_submit(t, &req, cmd) == 0)
+        return;
     const ProtobufCMessage *m = *(const ProtobufCMessage *const *)((const char *)cmd + f->offset);
     json_t *args = pbjson_from_message(m);
     sqlcmd_submit(t->cmds, &req, name, &args);
@@ -415,7 +488,7 @@ static const char *s_ready(void *arg)
     timebank_t *t = arg;
     if (t->stopping)
         return "shutting down";
-    if (!db_ready(t->db))
+    if (!db_ready(t->db) || !db_ready(t->lane_db))
         return "database down";
     if (!outbox_ready(t->outbox))
         return "relay not connected";
@@ -480,7 +553,8 @@ timebank_t *timebank_new(struct event_base *base)
     t->reg_cmd = xstrdup(config_get("LINLI_REGISTRY_CMD", "tcp://127.0.0.1:7101"));
     t->zctx = zmq_ctx_new();
     t->db = db_new(base, t->conninfo);
-    if (!t->db)
+    t->lane_db = db_new(base, t->conninfo);
+    if (!t->db || !t->lane_db)
         goto fail;
     t->pub = bus_sock_new(base, t->zctx, ZMQ_PUB, NULL, NULL);
     if (!t->pub)
@@ -503,7 +577,8 @@ timebank_t *timebank_new(struct event_base *base)
     sqlcmd_opts_t opts = { .schema = S_SCHEMA, .batch_max = (int)batch_max,
                            .queue_max = (int)batch_max * 64 + S_APPLY_MAX,
                            .finish = s_finish, .committed = s_on_committed,
-                           .internal = s_on_internal, .arg = t };
+                           .internal = s_on_internal, .lane = &s_move_lane,
+                           .lane_db = t->lane_db, .arg = t };
     t->cmds = sqlcmd_new(t->srv, t->db, &opts);
     if (!t->cmds)
         goto fail;
@@ -567,6 +642,7 @@ void timebank_destroy(timebank_t **t_p)
         sqlcmd_close(t->cmds);
     outbox_destroy(&t->outbox);
     db_destroy(&t->db);
+    db_destroy(&t->lane_db);
     sqlcmd_destroy(&t->cmds);
     cmdsrv_destroy(&t->srv);
     bus_sock_destroy(&t->pub);
