@@ -131,9 +131,11 @@ LANGUAGE sql STABLE AS $$
     SELECT id FROM timebank.accounts WHERE person_id = p_person AND kind = 'person'
 $$;
 
+-- (kind <> 'person' lets the planner use the partial index for any p_kind)
 CREATE FUNCTION timebank.s_system_account(p_community bigint, p_kind text) RETURNS bigint
 LANGUAGE sql STABLE AS $$
-    SELECT id FROM timebank.accounts WHERE community_id = p_community AND kind = p_kind
+    SELECT id FROM timebank.accounts
+     WHERE community_id = p_community AND kind = p_kind AND kind <> 'person'
 $$;
 
 -- Stars reached with p_earned minutes under thresholds p_hours.
@@ -218,10 +220,11 @@ DECLARE
 BEGIN
     PERFORM 1 FROM timebank.accounts WHERE id = ANY (p_accounts) ORDER BY id FOR NO KEY UPDATE;
     FOR v_i IN 1 .. cardinality(p_accounts) LOOP
-        SELECT ac.kind, ac.balance, ru.overdraft_minutes
+        SELECT ac.kind, ac.balance,
+               (SELECT ru.overdraft_minutes FROM timebank.rules ru
+                 WHERE ru.community_id = ac.community_id) AS overdraft_minutes
           INTO a
           FROM timebank.accounts ac
-          JOIN timebank.rules ru ON ru.community_id = ac.community_id
          WHERE ac.id = p_accounts[v_i];
         IF NOT FOUND THEN
             code := 'not_found';
@@ -270,12 +273,15 @@ LANGUAGE plpgsql AS $$
 DECLARE
     t  record;
 BEGIN
-    SELECT tr.*, fa.person_id AS fp, ta.person_id AS tp, fa.community_id AS fc,
-           ta.community_id AS tc
+    -- scalar subqueries: one primary-key probe each, whatever the planner
+    -- believes about the tables' sizes
+    SELECT tr.*,
+           (SELECT person_id FROM timebank.accounts WHERE id = tr.from_account) AS fp,
+           (SELECT person_id FROM timebank.accounts WHERE id = tr.to_account) AS tp,
+           (SELECT community_id FROM timebank.accounts WHERE id = tr.from_account) AS fc,
+           (SELECT community_id FROM timebank.accounts WHERE id = tr.to_account) AS tc
       INTO t
       FROM timebank.transfers tr
-      JOIN timebank.accounts fa ON fa.id = tr.from_account
-      JOIN timebank.accounts ta ON ta.id = tr.to_account
      WHERE tr.id = p_transfer;
     PERFORM timebank.s_emit(
         CASE t.kind WHEN 'credit' THEN 'credited' WHEN 'gift' THEN 'gifted'
