@@ -126,7 +126,7 @@ CREATE TABLE timebank.accounts (
     created_at    bigint  NOT NULL,
     CONSTRAINT accounts_kind CHECK (kind IN ('person', 'pool', 'clearing')),
     CONSTRAINT accounts_person CHECK ((kind = 'person') = (person_id IS NOT NULL))
-);
+) WITH (fillfactor = 50);   -- room on each page, so a new balance is a HOT update
 CREATE UNIQUE INDEX accounts_person_key ON timebank.accounts (person_id) WHERE kind = 'person';
 CREATE UNIQUE INDEX accounts_system_key ON timebank.accounts (community_id, kind)
     WHERE kind <> 'person';
@@ -166,8 +166,10 @@ CREATE TABLE timebank.entries (
     at           bigint NOT NULL,
     CONSTRAINT entries_amount CHECK (amount <> 0)
 );
+-- Statements read an account's entries in order. Nothing looks entries up
+-- by movement on the write path (a reversal's legs follow from the
+-- movement's two accounts), so there is no index on transfer_id to keep.
 CREATE INDEX entries_account_idx ON timebank.entries (account_id, id);
-CREATE INDEX entries_transfer_idx ON timebank.entries (transfer_id);
 
 -- ------------------------------------------------------------ hour records
 
@@ -197,7 +199,7 @@ CREATE TABLE timebank.records (
     CONSTRAINT records_source CHECK (source IN ('manual', 'checkin')),
     CONSTRAINT records_field_len CHECK (octet_length(field) <= 64),
     CONSTRAINT records_content_len CHECK (octet_length(content) <= 500)
-);
+) WITH (fillfactor = 80);   -- a record's state changes a few times
 CREATE UNIQUE INDEX records_checkin_key ON timebank.records (checkin_id)
     WHERE checkin_id IS NOT NULL;
 CREATE INDEX records_person_day_idx ON timebank.records (person_id, day);

@@ -733,8 +733,7 @@ DECLARE
     v_t       timebank.transfers;
     v_fc      bigint;
     v_tc      bigint;
-    v_acc     bigint[];
-    v_amt     bigint[];
+    v_legs    record;
     v_post    record;
 BEGIN
     IF v_actor IS NULL OR v_id IS NULL OR v_actor <= 0 OR v_id <= 0 THEN
@@ -762,12 +761,11 @@ BEGIN
     IF EXISTS (SELECT 1 FROM timebank.transfers WHERE reverses_id = v_id) THEN
         RETURN timebank.s_err('already_reversed', 'This movement was reversed already.');
     END IF;
-    SELECT array_agg(account_id ORDER BY id), array_agg(-amount ORDER BY id)
-      INTO v_acc, v_amt
-      FROM timebank.entries WHERE transfer_id = v_id;
-    v_post := timebank.s_post('reversal', v_t.to_account, v_t.from_account, v_t.minutes, v_acc,
-                              v_amt, v_now, v_actor, v_t.record_id, v_id, v_reason,
-                              p_ctx ->> 'key', 0);
+    -- the legs of the movement back: each of the original's legs negated
+    v_legs := timebank.s_legs(v_t.to_account, v_t.from_account, v_t.minutes);
+    v_post := timebank.s_post('reversal', v_t.to_account, v_t.from_account, v_t.minutes,
+                              v_legs.accounts, v_legs.amounts, v_now, v_actor, v_t.record_id,
+                              v_id, v_reason, p_ctx ->> 'key', 0);
     IF v_post.code = 'insufficient_balance' THEN
         RETURN timebank.s_err(v_post.code,
             'The reversal would take an account below its limit: its hours were used.');

@@ -32,7 +32,12 @@ CREATE FUNCTION timebank.s_move_lane(p_first integer, p_key text[], p_now bigint
                                      p_service text[], p_memo text[])
 RETURNS TABLE (i integer, code text, message text, result text)
 LANGUAGE plpgsql
+-- One plan for every batch, and one that probes the indexes even when it
+-- was made while the tables were empty: a cached plan outlives the
+-- statistics it was made from (a scan of command_log per command, planned
+-- on an empty table, would grow with every key ever stored).
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -273,7 +278,10 @@ $$;
 -- Runs the batch in order (common/sqlcmd.h): each JSON command through
 -- timebank.exec, each run of lane movements through timebank.s_move_lane
 -- and then, one by one, the commands it left. Returns one row per command,
--- i its 0-based position in p_cmds, in no particular order.
+-- i its 0-based position in p_cmds, in no particular order. Its plans (and
+-- those of everything it calls) use the indexes whatever the statistics
+-- said when the session made them: the daemon's sessions live long, and
+-- the tables start empty.
 CREATE FUNCTION timebank.exec_batch(p_cmds jsonb,
                                     p_key text[] DEFAULT '{}', p_now bigint[] DEFAULT '{}',
                                     p_trace text[] DEFAULT '{}', p_source text[] DEFAULT '{}',
@@ -282,7 +290,9 @@ CREATE FUNCTION timebank.exec_batch(p_cmds jsonb,
                                     p_minutes bigint[] DEFAULT '{}',
                                     p_service text[] DEFAULT '{}', p_memo text[] DEFAULT '{}')
 RETURNS TABLE (i integer, code text, message text, result text)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
 #variable_conflict use_column
 DECLARE
     v_n     integer;
