@@ -27,7 +27,9 @@
 #define S_FIRST_COMMAND 64               /* our members of linli.Command */
 #define S_LAST_COMMAND 79
 #define S_TICK_MS 1000                   /* metrics, and a resync that waits */
-#define S_APPLY_MAX 4096                 /* registry events queued or in the database */
+#define S_APPLY_MAX 20000                /* registry events queued or in the database */
+#define S_RUN_MAX 2000                   /* registry events per apply_events command */
+#define S_RUNS_MAX (S_APPLY_MAX + 1)     /* runs in flight: each holds one event at least */
 #define S_RESYNC_WAIT_MAX_MS 30000       /* back-off of a resync that cannot read the position */
 #define S_POSITION_SQL "SELECT epoch, seq FROM timebank.inbox_position($1)"
 
@@ -50,11 +52,20 @@ struct timebank {
     char *conninfo;              /* owned */
     char *reg_pub, *reg_cmd;     /* the registry's endpoints, owned */
     int batch_max;               /* commands per transaction */
-    int applying;                /* apply_event commands queued or in the database */
+    int applying;                /* registry events sent to the database, not yet answered */
+    json_t *run;                 /* the apply_events command being gathered; NULL: none */
+    json_t *run_events;          /* its "events" (borrowed from run) */
+    uint64_t run_epoch;          /* the epoch of its events */
+    int run_n;                   /* events it covers, of every kind */
+    bool run_flush;              /* flush_ev is active */
+    struct event *flush_ev;      /* sends the run at the end of this turn of the loop */
+    int *runs;                   /* events per run in flight, oldest first (a ring) */
+    int runs_head, runs_len;
     bool resync;                 /* the subscriber is to restart from the database's position */
     int resync_wait_ms;          /* back-off after a failed restart; 0: none */
     int64_t resync_next_us;      /* no restart before this (mono_us) */
     bool synced;                 /* caught up with the registry at least once */
+    bool halted;                 /* the registry's history restarted: events stopped */
     unsigned long long sub_gaps, sub_replays; /* the subscriber's, already in the metrics */
     struct event *tick;          /* metrics + resync, every S_TICK_MS */
     struct event *resync_ev;     /* restarts the subscriber once nothing is in flight */
@@ -164,6 +175,13 @@ static int s_move_lane_submit(timebank_t *t, cmdsrv_req_t **req, const Linli__Co
     return sqlcmd_submit_lane(t->cmds, req, name, cols, conflicts, 2);
 }
 
+/* Queries change nothing: get_..., list_..., verify_... */
+static bool s_is_read(const char *name)
+{
+    return !strncmp(name, "get_", 4) || !strncmp(name, "list_", 5) ||
+           !strncmp(name, "verify_", 7);
+}
+
 static void s_on_command(cmdsrv_t *srv, cmdsrv_req_t *req, void *arg)
 {
     timebank_t *t = arg;
@@ -181,6 +199,16 @@ static void s_on_command(cmdsrv_t *srv, cmdsrv_req_t *req, void *arg)
                                              : NULL;
     if (!f || f->id < S_FIRST_COMMAND || f->id > S_LAST_COMMAND) {
         cmdsrv_reply_error(srv, &req, "unknown_command", "this service has no such command");
+        return;
+    }
+    /* A command that changes the ledger must be safe to retry: after a
+     * lost connection its outcome is unknown, and only its key tells a
+     * retry from a second movement. */
+    const Linli__Envelope *env = cmdsrv_req_envelope(req);
+    if (!s_is_read(name) && (!env->idempotency_key || !env->idempotency_key[0])) {
+        cmdsrv_reply_error(srv, &req, "invalid_argument",
+                           "an idempotency key is required: a command that moves hours must "
+                           "be safe to retry");
         return;
     }
     if (s_move_lane_submit(t, &req, cmd) == 0)
@@ -262,41 +290,103 @@ static void s_on_committed(void *arg)
 /* ---- registry events ---- */
 
 static void s_resync_schedule(timebank_t *t, const char *why);
+static void s_sub_drop(timebank_t *t);
 
-/* Each event becomes an internal command: SQL applies what concerns us and
- * records the position for every event, so it sees every sequence and
- * notices a hole. */
+/* The kinds of registry event the timebank follows; the others only move
+ * its position, so only their numbers go to the database. */
+static const char *const s_followed[] = { "community_created", "person_registered",
+                                          "activity_created", "checked_in", "checked_out" };
+
+static bool s_is_followed(const char *type)
+{
+    for (size_t i = 0; i < sizeof s_followed / sizeof s_followed[0]; i++)
+        if (!strcmp(type, s_followed[i]))
+            return true;
+    return false;
+}
+
+static void s_run_drop(timebank_t *t)
+{
+    json_decref(t->run);
+    t->run = t->run_events = NULL;
+    t->run_n = 0;
+}
+
+/* Sends the gathered run as one internal command: SQL applies the events
+ * it follows, in order, and stores the position of the run's last event
+ * with them (or answers "gap"). */
+static void s_run_flush(timebank_t *t)
+{
+    if (!t->run)
+        return;
+    if (t->runs_len == S_RUNS_MAX) {   /* cannot happen: runs hold one event at least */
+        s_run_drop(t);
+        s_resync_schedule(t, "too many runs in flight");
+        return;
+    }
+    t->runs[(t->runs_head + t->runs_len++) % S_RUNS_MAX] = t->run_n;
+    t->applying += t->run_n;
+    json_t *args = t->run;
+    t->run = t->run_events = NULL;
+    t->run_n = 0;
+    cmdsrv_req_t *none = NULL;
+    sqlcmd_submit(t->cmds, &none, "apply_events", &args);
+}
+
+static void s_on_flush(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    timebank_t *t = arg;
+    t->run_flush = false;
+    if (!t->stopping && !t->resync)
+        s_run_flush(t);
+}
+
+/* Events that arrive together (a replay, a burst) go to the database as
+ * one run: a check-in flood at the registry costs the timebank one
+ * statement per few thousand events, not one per event. */
 static void s_on_event(const Linli__Envelope *ev, void *arg)
 {
     timebank_t *t = arg;
-    if (t->stopping || t->resync)
+    if (t->stopping || t->resync || t->halted)
         return;   /* replayed from the database's position after the resync */
-    if (t->applying >= S_APPLY_MAX) {
+    if (t->applying + t->run_n >= S_APPLY_MAX) {
         /* The registry sends faster than we apply. Rather than queue
          * without bound, let the queue drain and replay the rest. */
         s_resync_schedule(t, "too many events in flight");
         return;
     }
-    /* The payload is the member message: {"id": 7, "community_id": 3, ...}.
-     * An event of a kind newer than our proto has none: type "", {}. */
-    const char *type = ev->event ? envelope_event_name(ev->event) : NULL;
-    const ProtobufCFieldDescriptor *f = type ? pbjson_field(&linli__event__descriptor, type)
-                                             : NULL;
-    const ProtobufCMessage *m =
-        f ? *(const ProtobufCMessage *const *)((const char *)ev->event + f->offset) : NULL;
-    json_t *payload = m ? pbjson_from_message(m) : json_object();
-    json_t *args = json_pack("{s:s, s:I, s:I, s:s, s:I, s:I, s:o}", "stream", S_STREAM,
-                             "epoch", (json_int_t)ev->epoch, "seq", (json_int_t)ev->sequence,
-                             "type", type ? type : "", "community_id",
-                             (json_int_t)ev->community_id, "occurred_at",
-                             (json_int_t)ev->occurred_at, "payload", payload);
-    if (!args) {
-        s_resync_schedule(t, "event cannot be encoded");
-        return;
+    if (t->run && ev->epoch != t->run_epoch)
+        s_run_flush(t);
+    if (!t->run) {
+        t->run_events = json_array();
+        t->run = json_pack("{s:s, s:I, s:I, s:O}", "stream", S_STREAM, "epoch",
+                           (json_int_t)ev->epoch, "first", (json_int_t)ev->sequence, "events",
+                           t->run_events);
+        json_decref(t->run_events);   /* the run holds it */
+        t->run_epoch = ev->epoch;
     }
-    cmdsrv_req_t *none = NULL;
-    t->applying++;
-    sqlcmd_submit(t->cmds, &none, "apply_event", &args);
+    json_object_set_new(t->run, "last", json_integer((json_int_t)ev->sequence));
+    t->run_n++;
+    /* The payload is the member message: {"id": 7, "community_id": 3, ...}.
+     * An event of a kind newer than our proto has none: it only counts. */
+    const char *type = ev->event ? envelope_event_name(ev->event) : NULL;
+    if (type && s_is_followed(type)) {
+        const ProtobufCFieldDescriptor *f = pbjson_field(&linli__event__descriptor, type);
+        const ProtobufCMessage *m =
+            f ? *(const ProtobufCMessage *const *)((const char *)ev->event + f->offset) : NULL;
+        json_array_append_new(t->run_events,
+                              json_pack("{s:I, s:s, s:I, s:o}", "seq", (json_int_t)ev->sequence,
+                                        "type", type, "at", (json_int_t)ev->occurred_at, "p",
+                                        m ? pbjson_from_message(m) : json_object()));
+    }
+    if (t->run_n >= S_RUN_MAX) {
+        s_run_flush(t);
+    } else if (!t->run_flush) {
+        t->run_flush = true;
+        event_active(t->flush_ev, EV_TIMEOUT, 1);
+    }
 }
 
 static void s_on_epoch(uint64_t new_epoch, void *arg)
@@ -312,13 +402,27 @@ static void s_on_epoch(uint64_t new_epoch, void *arg)
 static void s_on_internal(const char *name, const char *code, void *arg)
 {
     timebank_t *t = arg;
-    if (strcmp(name, "apply_event") != 0)
+    if (strcmp(name, "apply_events") != 0 || t->runs_len == 0)
         return;
-    t->applying--;
+    /* internal commands are answered in the order they were sent */
+    int n = t->runs[t->runs_head];
+    t->runs_head = (t->runs_head + 1) % S_RUNS_MAX;
+    t->runs_len--;
+    t->applying -= n;
     if (strcmp(code, "ok") == 0) {
-        metric_inc(t->m_applied, 1);
+        metric_inc(t->m_applied, n);
+    } else if (strcmp(code, "epoch_changed") == 0) {
+        /* Replaying would only meet the same answer: stop following, say
+         * so, and leave it to an operator (see the README). */
+        metric_inc(t->m_refused, n);
+        if (!t->halted)
+            log_error("sub", "the registry's history restarted (new epoch): registry events are "
+                             "no longer applied; commands keep working on what the ledger holds");
+        t->halted = true;
+        s_run_drop(t);
+        s_sub_drop(t);
     } else {
-        metric_inc(t->m_refused, 1);
+        metric_inc(t->m_refused, n);
         s_resync_schedule(t, code);
     }
     if (t->resync && t->applying == 0 && !t->stopping)
@@ -414,6 +518,7 @@ static void s_resync_schedule(timebank_t *t, const char *why)
     if (t->resync || t->stopping)
         return;
     t->resync = true;
+    s_run_drop(t);   /* replayed too */
     metric_inc(t->m_resyncs, 1);
     log_warn("sub", "resynchronising with the database reason=\"%s\" in_flight=%d", why,
              t->applying);
@@ -492,6 +597,8 @@ static const char *s_ready(void *arg)
         return "database down";
     if (!outbox_ready(t->outbox))
         return "relay not connected";
+    if (t->halted)
+        return "registry history restarted: events stopped";
     if (!s_synced(t))
         return "not caught up with registry";
     return NULL;
@@ -523,6 +630,7 @@ void timebank_shutdown(timebank_t *t, int deadline_ms)
     /* No more events: those in flight finish, the rest are replayed from
      * the stored position at the next start. */
     s_sub_drop(t);
+    s_run_drop(t);
     t->drain_deadline_us = mono_us() + (int64_t)deadline_ms * 1000;
     s_on_drain(-1, 0, t);
 }
@@ -604,6 +712,8 @@ timebank_t *timebank_new(struct event_base *base)
             goto fail;
     }
     t->resync_ev = evtimer_new(base, s_on_resync, t);
+    t->flush_ev = event_new(base, -1, 0, s_on_flush, t);
+    t->runs = xcalloc(S_RUNS_MAX, sizeof *t->runs);
     t->drain = evtimer_new(base, s_on_drain, t);
     if (s_sub_start(t) != 0)
         goto fail;
@@ -632,6 +742,10 @@ void timebank_destroy(timebank_t **t_p)
         event_free(t->tick);
     if (t->resync_ev)
         event_free(t->resync_ev);
+    if (t->flush_ev)
+        event_free(t->flush_ev);
+    json_decref(t->run);
+    free(t->runs);
     if (t->drain)
         event_free(t->drain);
     http_destroy(&t->http);

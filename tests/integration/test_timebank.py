@@ -189,6 +189,59 @@ def test_restart_catches_up_on_registry_events(s):
     assert pos == last, (pos, last)
 
 
+def test_gap_in_applied_events_resyncs(s):
+    """The database's position falls behind the subscriber's (as after a
+    run that was lost): the next run meets a gap, and the timebank
+    resubscribes from the stored position and replays, applying nothing
+    twice."""
+    reg, tb, cids, orgs, vols = town(s, 2)
+    s.sql("UPDATE timebank.inbox SET seq = seq - 3 WHERE stream = 'registry'")
+    late = person(reg, cids[0], "迟到者", ["ROLE_VOLUNTEER"], 900)
+    wait_for(lambda: known(tb, late), what="the person registered after the gap")
+    pos = s.sql("SELECT seq FROM timebank.inbox WHERE stream = 'registry'").strip()
+    last = s.sql("SELECT max(seq) FROM registry.outbox").strip()
+    assert pos == last, (pos, last)
+    assert s.sql("SELECT count(*) FROM timebank.accounts WHERE kind = 'person'").strip() == \
+        str(2 + 2 * 2 + 1)
+    _, metrics = linli.http_get(s.http["timebank"], "/metrics")
+    resyncs = [line for line in metrics.splitlines()
+               if line.startswith("linli_timebank_registry_resyncs_total")]
+    assert resyncs and int(float(resyncs[0].split()[1])) >= 1, resyncs
+
+
+def test_registry_history_restart_stops_events(s):
+    """A new epoch on the registry's stream means its ids no longer name
+    what the ledger holds: the timebank stops applying its events, says so
+    on /readyz, and keeps answering commands."""
+    reg, tb, cids, orgs, vols = town(s, 2)
+    credit(tb, orgs[0], vols[0][0], 60, now_ms() - 2 * HOUR)
+    s.stop("registry")
+    s.sql("UPDATE registry.outbox_stream SET epoch = epoch + 1")
+    s.start("registry")
+    reg = s.client()
+    stranger = person(reg, cids[0], "新纪元", ["ROLE_VOLUNTEER"], 700)
+
+    def halted():
+        status, body = linli.http_get(s.http["timebank"], "/readyz")
+        return status != 200 and "history restarted" in body
+    wait_for(halted, what="the timebank to report the restart")
+    assert not known(tb, stranger)
+    assert balance(tb, vols[0][0]) == 60
+    assert "history restarted" in s.log("timebank")
+
+
+def test_moving_hours_needs_an_idempotency_key(s):
+    reg, tb, cids, orgs, vols = town(s, 2)
+    a, b = vols[0]
+    credit(tb, orgs[0], a, 60, now_ms() - 2 * HOUR)
+    r = tb.request(tb.envelope("gift", {"from_person_id": a, "to_person_id": b, "minutes": 5},
+                               key=""))
+    assert not r["ok"] and r["error"]["code"] == "invalid_argument", r
+    assert "idempotency key" in r["error"]["message"], r
+    r = tb.request(tb.envelope("get_balance", {"person_id": a}, key=""))
+    assert r["ok"] and int(r["get_balance"]["balance"]) == 60, r
+
+
 def test_certificate_verifies_and_forgery_fails(s):
     reg, tb, cids, orgs, vols = town(s, 2)
     v = vols[0][0]

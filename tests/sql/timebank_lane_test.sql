@@ -23,8 +23,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     r timebank.cmd_result;
 BEGIN
-    r := timebank.exec('apply_event', '', jsonb_build_object('stream', 'registry', 'epoch', 1,
-             'seq', p_seq, 'type', p_type, 'occurred_at', 1783094400000, 'payload', p_payload),
+    r := timebank.exec('apply_events', '', jsonb_build_object('stream', 'registry', 'epoch', 1,
+             'first', p_seq, 'last', p_seq, 'events', jsonb_build_array(jsonb_build_object(
+                 'seq', p_seq, 'type', p_type, 'at', 1783094400000, 'p', p_payload))),
              '{"now": 1783094400000}');
     PERFORM t.eq(r.code, 'ok', 'event ' || p_seq);
 END

@@ -92,8 +92,9 @@ DECLARE
     r      timebank.cmd_result;
 BEGIN
     SELECT coalesce(max(id), 0) + 1 INTO v_seq FROM t.v WHERE k = 'seq';
-    r := t.run('apply_event', jsonb_build_object('stream', 'registry', 'epoch', 7, 'seq', v_seq,
-               'type', p_type, 'occurred_at', p_at, 'payload', p_payload), p_at);
+    r := t.run('apply_events', jsonb_build_object('stream', 'registry', 'epoch', 7,
+               'first', v_seq, 'last', v_seq, 'events', jsonb_build_array(jsonb_build_object(
+                   'seq', v_seq, 'type', p_type, 'at', p_at, 'p', p_payload))), p_at);
     IF r.code <> 'ok' THEN
         RAISE EXCEPTION 'timebank_test: FAILED: event % % returned % (%)', v_seq, p_type,
             r.code, r.message;
@@ -221,15 +222,29 @@ BEGIN
                  'position stored');
 
     -- replayed and skipped events
-    r := t.run('apply_event', '{"stream": "registry", "epoch": 7, "seq": 3, "type": "person_registered", "occurred_at": 1, "payload": {"id": 201, "community_id": 102, "roles": []}}', t.at(0));
+    r := t.run('apply_events', '{"stream": "registry", "epoch": 7, "first": 3, "last": 3, "events": [{"seq": 3, "type": "person_registered", "at": 1, "p": {"id": 201, "community_id": 102, "roles": []}}]}', t.at(0));
     PERFORM t.eq(r.code, 'ok', 'a replayed event is fine');
     PERFORM t.eq(r.message, 'duplicate', 'a replayed event is a duplicate');
     PERFORM t.eq((SELECT community_id FROM timebank.people WHERE id = 201), 101::bigint,
                  'a replayed event changes nothing');
-    PERFORM t.err('apply_event', '{"stream": "registry", "epoch": 7, "seq": 16, "type": "signed_up", "occurred_at": 1, "payload": {}}', t.at(0), 'gap', 'event past a gap');
-    PERFORM t.err('apply_event', '{"stream": "registry", "epoch": 8, "seq": 5, "type": "signed_up", "occurred_at": 1, "payload": {}}', t.at(0), 'gap', 'new epoch not from 1');
-    PERFORM t.err('apply_event', '{"stream": "registry", "epoch": 7, "type": "signed_up"}', t.at(0), 'invalid_argument', 'event without seq');
-    PERFORM t.err('apply_event', '{"stream": "other", "epoch": 1, "seq": 2, "type": "x", "occurred_at": 1}', t.at(0), 'gap', 'first event of a stream is 1');
+    PERFORM t.err('apply_events', '{"stream": "registry", "epoch": 7, "first": 16, "last": 16, "events": []}', t.at(0), 'gap', 'events past a gap');
+    PERFORM t.err('apply_events', '{"stream": "registry", "epoch": 8, "first": 5, "last": 9, "events": []}', t.at(0), 'epoch_changed', 'a new epoch');
+    PERFORM t.err('apply_events', '{"stream": "registry", "epoch": 8, "first": 1, "last": 1, "events": [{"seq": 1, "type": "person_registered", "p": {"id": 201, "community_id": 102}}]}', t.at(0), 'epoch_changed', 'a new epoch from 1: the registry''s ids no longer name our people');
+    PERFORM t.err('apply_events', '{"stream": "registry", "epoch": 7, "last": 20, "events": []}', t.at(0), 'invalid_argument', 'run without a first');
+    PERFORM t.err('apply_events', '{"stream": "registry", "epoch": 7, "first": 15, "last": 16, "events": [{"seq": 17, "type": "x"}]}', t.at(0), 'invalid_argument', 'event outside its run');
+    PERFORM t.err('apply_events', '{"stream": "registry", "epoch": 7, "first": 15, "last": 16, "events": [{"seq": 15, "type": "person_registered", "p": {"id": 299, "community_id": 101}}, 5]}', t.at(0), 'invalid_argument', 'a run with a bad event applies nothing');
+    PERFORM t.err('apply_events', '{"stream": "other", "epoch": 1, "first": 2, "last": 2, "events": []}', t.at(0), 'gap', 'first event of a stream is 1');
+    -- a run overlapping what was applied: only the new part counts; ignored
+    -- kinds are not sent, only their numbers move the position
+    r := t.run('apply_events', '{"stream": "registry", "epoch": 7, "first": 13, "last": 16, "events": [{"seq": 13, "type": "person_registered", "at": 1, "p": {"id": 201, "community_id": 102, "roles": []}}, {"seq": 16, "type": "person_registered", "at": 1, "p": {"id": 210, "community_id": 102, "roles": ["ROLE_RESIDENT"]}}]}', t.at(0));
+    PERFORM t.eq(r.code || r.message, 'okapplied', 'an overlapping run');
+    PERFORM t.eq((SELECT community_id FROM timebank.people WHERE id = 201), 101::bigint,
+                 'overlap: the applied part is skipped');
+    PERFORM t.ok(EXISTS (SELECT 1 FROM timebank.accounts WHERE person_id = 210),
+                 'overlap: the new part is applied');
+    PERFORM t.eq((SELECT seq FROM timebank.inbox WHERE stream = 'registry'), 16::bigint,
+                 'overlap: position at the run''s last');
+    PERFORM t.set('seq', 16);
 
     -- what a client may not send
     PERFORM t.err('no_such', '{}', t.at(0), 'unknown_command', 'unknown command');
@@ -391,6 +406,12 @@ BEGIN
     PERFORM t.err('set_rules', jsonb_build_object('actor_id', 201, 'reason', 'x',
                   'rules', t.rules(101, '{"gift_policy": "friends"}')), t.at(3), 'invalid_argument',
                   'unknown gift policy');
+    PERFORM t.err('set_rules', jsonb_build_object('actor_id', 201, 'reason', 'x',
+                  'rules', t.rules(101, '{"overdraft_minutes": 3000000000}')), t.at(3),
+                  'invalid_argument', 'overdraft past the integer range');
+    PERFORM t.err('set_rules', jsonb_build_object('actor_id', 201, 'reason', 'x',
+                  'rules', t.rules(101, '{"approval_levels": 70000}')), t.at(3), 'invalid_argument',
+                  'levels past the smallint range');
     PERFORM t.err('set_rules', jsonb_build_object('actor_id', 201, 'reason', 'x',
                   'rules', t.rules(101, '{"star_hours": [300, 100]}')), t.at(3), 'invalid_argument',
                   'stars out of order');
@@ -755,7 +776,7 @@ BEGIN
                  'held minutes');
     PERFORM t.eq((res ->> 'records_pending')::bigint, 3::bigint, 'pending records');
     res := t.okr('get_totals', '{}', t.at(7), 'city totals');
-    PERFORM t.eq((res ->> 'accounts')::bigint, 9::bigint, 'city: every member');
+    PERFORM t.eq((res ->> 'accounts')::bigint, 10::bigint, 'city: every member');
     PERFORM t.eq((res ->> 'held_minutes')::bigint,
                  (SELECT sum(balance) FROM timebank.accounts WHERE kind = 'person'), 'city: held');
     PERFORM t.err('get_totals', '{"community_id": 195}', t.at(7), 'not_found', 'totals of nowhere');
@@ -862,6 +883,8 @@ BEGIN
                   t.at(8), 'nothing_to_certify', 'no verified hours');
     PERFORM t.err('issue_certificate', '{"actor_id": 201, "person_id": 203, "holder_name": "", "id_number": "440703198001011234"}',
                   t.at(8), 'invalid_argument', 'no holder name');
+    PERFORM t.err('issue_certificate', E'{"actor_id": 201, "person_id": 203, "holder_name": "陈老师\\n**************1234", "id_number": "440703198001011234"}',
+                  t.at(8), 'invalid_argument', 'a line break in the name');
     PERFORM t.err('issue_certificate', '{"actor_id": 201, "person_id": 203, "holder_name": "陈老师", "id_number": "44-07"}',
                   t.at(8), 'invalid_argument', 'bad id number');
     PERFORM t.err('issue_certificate', jsonb_build_object('actor_id', 201, 'person_id', 203,
@@ -901,8 +924,32 @@ BEGIN
     v := t.okr('verify_certificate', jsonb_build_object('code', (res ->> 'number') || '-ABCDEFGHIJKLMNOP'),
                t.at(9), 'verify after a reversal');
     PERFORM t.eq((v ->> 'reversed_minutes')::bigint, 180::bigint, 'verify: reversed minutes shown');
+    PERFORM t.ok(v ->> 'problem' LIKE '180 of the 180 minutes%reversed%', 'verify: a reversal is a problem');
     PERFORM t.eq(v ->> 'digest', res ->> 'digest', 'verify: the certified content still matches');
     PERFORM t.invariants('at the end');
+END
+$$;
+
+-- Statements add up even when entries were committed out of their dates'
+-- order (two batches on two connections): opening + lines = closing.
+DO $$
+DECLARE
+    res   jsonb;
+    w     integer;
+BEGIN
+    PERFORM t.okr('spend', '{"person_id": 208, "minutes": 7, "service": "repair"}',
+                  t.at(10, 2), 'a spend dated later');
+    PERFORM t.okr('spend', '{"person_id": 208, "minutes": 5, "service": "repair"}',
+                  t.at(10, 1), 'committed after it, dated earlier');
+    FOR w IN 0 .. 3 LOOP
+        res := t.okr('get_statement', jsonb_build_object('person_id', 208,
+                     'from', t.at(10, 0.5 + w * 0.5), 'to', t.at(11)), t.at(12), 'statement window');
+        PERFORM t.eq((res ->> 'opening_balance')::bigint
+                     + coalesce((SELECT sum((x ->> 'amount')::bigint)
+                                   FROM jsonb_array_elements(res -> 'lines') x), 0),
+                     (res ->> 'closing_balance')::bigint,
+                     format('window %s: opening + lines = closing', w));
+    END LOOP;
 END
 $$;
 

@@ -618,6 +618,11 @@ BEGIN
     IF v_fp.id IS NULL OR v_tp.id IS NULL THEN
         RETURN timebank.s_err('not_found', 'No such person.');
     END IF;
+    -- a member's community is their account's (the lane reads the same)
+    v_fa := timebank.s_person_account(v_from);
+    v_ta := timebank.s_person_account(v_to);
+    SELECT community_id INTO v_fp.community_id FROM timebank.accounts WHERE id = v_fa;
+    SELECT community_id INTO v_tp.community_id FROM timebank.accounts WHERE id = v_ta;
     SELECT gift_policy INTO v_policy FROM timebank.rules
      WHERE community_id = v_fp.community_id FOR SHARE;
     IF v_policy = 'none' THEN
@@ -630,8 +635,6 @@ BEGIN
         RETURN timebank.s_err('recipient_not_allowed',
             'This community allows gifts only to recorded family members.');
     END IF;
-    v_fa := timebank.s_person_account(v_from);
-    v_ta := timebank.s_person_account(v_to);
     v_legs := timebank.s_legs(v_fa, v_ta, v_minutes);
     v_post := timebank.s_post('gift', v_fa, v_ta, v_minutes, v_legs.accounts, v_legs.amounts,
                               v_now, v_from, NULL, NULL, v_memo, p_ctx ->> 'key', 0);
@@ -684,6 +687,8 @@ BEGIN
         RETURN timebank.s_err('not_found', 'No such person.');
     END IF;
     v_fa := timebank.s_person_account(v_person);
+    -- a member's community is their account's (the lane reads the same)
+    SELECT community_id INTO v_p.community_id FROM timebank.accounts WHERE id = v_fa;
     IF v_prov > 0 THEN
         IF v_comm <> 0 THEN
             RETURN timebank.s_err('invalid_argument',
@@ -813,17 +818,23 @@ DECLARE
     v_old     timebank.rules;
     v_new     timebank.rules;
     v_stars   integer[];
+    -- read as bigint and checked before they go into the narrower columns
+    v_od      bigint;
+    v_mr      bigint;
+    v_md      bigint;
+    v_mh      bigint;
+    v_lv      bigint;
 BEGIN
     IF jsonb_typeof(v_in) <> 'object' THEN
         RETURN timebank.s_err('invalid_argument', 'rules must be an object.');
     END IF;
     v_comm := timebank.s_int(v_in, 'community_id');
-    v_new.overdraft_minutes := timebank.s_int(v_in, 'overdraft_minutes');
-    v_new.max_record_minutes := timebank.s_int(v_in, 'max_record_minutes');
-    v_new.max_day_minutes := timebank.s_int(v_in, 'max_day_minutes');
-    v_new.min_held_minutes := timebank.s_int(v_in, 'min_held_minutes');
+    v_od := timebank.s_int(v_in, 'overdraft_minutes');
+    v_mr := timebank.s_int(v_in, 'max_record_minutes');
+    v_md := timebank.s_int(v_in, 'max_day_minutes');
+    v_mh := timebank.s_int(v_in, 'min_held_minutes');
     v_new.gift_policy := timebank.s_text(v_in, 'gift_policy');
-    v_new.approval_levels := timebank.s_int(v_in, 'approval_levels');
+    v_lv := timebank.s_int(v_in, 'approval_levels');
     v_new.timezone := timebank.s_text(v_in, 'timezone');
     v_stars := timebank.s_int_array(v_in, 'star_hours');
     IF v_actor IS NULL OR v_actor <= 0 OR v_comm IS NULL OR v_comm <= 0 THEN
@@ -832,19 +843,19 @@ BEGIN
     IF v_reason IS NULL OR octet_length(v_reason) NOT BETWEEN 1 AND 500 THEN
         RETURN timebank.s_err('invalid_argument', 'A reason of 1 to 500 bytes is required.');
     END IF;
-    IF v_new.overdraft_minutes IS NULL OR v_new.overdraft_minutes NOT BETWEEN 0 AND 600000 THEN
+    IF v_od IS NULL OR v_od NOT BETWEEN 0 AND 600000 THEN
         RETURN timebank.s_err('invalid_argument', 'overdraft_minutes is 0 to 600000.');
     END IF;
-    IF v_new.max_record_minutes IS NULL OR v_new.max_record_minutes NOT BETWEEN 1 AND 1440
-       OR v_new.max_day_minutes IS NULL OR v_new.max_day_minutes NOT BETWEEN 1 AND 1440 THEN
+    IF v_mr IS NULL OR v_mr NOT BETWEEN 1 AND 1440
+       OR v_md IS NULL OR v_md NOT BETWEEN 1 AND 1440 THEN
         RETURN timebank.s_err('invalid_argument',
             'max_record_minutes and max_day_minutes are 1 to 1440: a day has 24 hours.');
     END IF;
-    IF v_new.max_record_minutes > v_new.max_day_minutes THEN
+    IF v_mr > v_md THEN
         RETURN timebank.s_err('invalid_argument',
             'max_record_minutes cannot exceed max_day_minutes.');
     END IF;
-    IF v_new.min_held_minutes IS NULL OR v_new.min_held_minutes NOT BETWEEN 0 AND 6000000 THEN
+    IF v_mh IS NULL OR v_mh NOT BETWEEN 0 AND 6000000 THEN
         RETURN timebank.s_err('invalid_argument', 'min_held_minutes is 0 to 6000000.');
     END IF;
     IF v_new.gift_policy IS NULL
@@ -852,7 +863,7 @@ BEGIN
         RETURN timebank.s_err('invalid_argument',
             'gift_policy is one of anyone, community, family, none.');
     END IF;
-    IF v_new.approval_levels IS NULL OR v_new.approval_levels NOT IN (1, 2) THEN
+    IF v_lv IS NULL OR v_lv NOT IN (1, 2) THEN
         RETURN timebank.s_err('invalid_argument', 'approval_levels is 1 or 2.');
     END IF;
     IF v_stars IS NULL OR cardinality(v_stars) > 10
@@ -865,6 +876,11 @@ BEGIN
        OR NOT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = v_new.timezone) THEN
         RETURN timebank.s_err('invalid_argument', 'timezone is an IANA name like Asia/Shanghai.');
     END IF;
+    v_new.overdraft_minutes := v_od;
+    v_new.max_record_minutes := v_mr;
+    v_new.max_day_minutes := v_md;
+    v_new.min_held_minutes := v_mh;
+    v_new.approval_levels := v_lv;
     SELECT * INTO v_old FROM timebank.rules WHERE community_id = v_comm FOR UPDATE;
     IF NOT FOUND THEN
         RETURN timebank.s_err('not_found', 'No such community.');
@@ -989,6 +1005,8 @@ DECLARE
     v_lines  jsonb;
     v_n      integer;
     v_close  bigint;
+    v_lo     bigint;
+    v_hi     bigint;
     a        timebank.accounts;
 BEGIN
     IF v_from IS NULL OR v_to IS NULL OR v_after IS NULL OR v_limit IS NULL THEN
@@ -1009,16 +1027,27 @@ BEGIN
     IF NOT FOUND THEN
         RETURN timebank.s_err('not_found', 'No such account.');
     END IF;
+    -- The lines are the account's entries in ledger order (by id), from the
+    -- one after the last entry dated before `from` to the last one dated
+    -- before `to`: a contiguous run, so that the opening balance plus the
+    -- lines is the closing balance even where two transactions committed
+    -- out of their dates' order (an entry dated just outside the period
+    -- then shows in it).
+    SELECT id INTO v_hi FROM timebank.entries
+     WHERE account_id = v_id AND at < v_to ORDER BY id DESC LIMIT 1;
+    SELECT id, balance INTO v_lo, v_open FROM timebank.entries
+     WHERE account_id = v_id AND id <= coalesce(v_hi, 0) AND at < v_from
+     ORDER BY id DESC LIMIT 1;
     IF v_after > 0 THEN
         SELECT balance INTO v_open FROM timebank.entries WHERE id = v_after AND account_id = v_id;
         IF NOT FOUND THEN
             RETURN timebank.s_err('not_found', 'after_entry_id is not a line of this account.');
         END IF;
-    ELSE
-        SELECT balance INTO v_open FROM timebank.entries
-         WHERE account_id = v_id AND at < v_from ORDER BY id DESC LIMIT 1;
+        v_lo := greatest(coalesce(v_lo, 0), v_after);
     END IF;
     v_open := coalesce(v_open, 0);
+    v_lo := coalesce(v_lo, 0);
+    v_hi := coalesce(v_hi, 0);
     WITH l AS (
         SELECT e.id, e.transfer_id, e.at, t.kind, e.amount, e.balance,
                CASE WHEN t.from_account = v_id THEN t.to_account
@@ -1027,7 +1056,7 @@ BEGIN
                t.memo
           FROM timebank.entries e
           JOIN timebank.transfers t ON t.id = e.transfer_id
-         WHERE e.account_id = v_id AND e.at >= v_from AND e.at < v_to AND e.id > v_after
+         WHERE e.account_id = v_id AND e.id > v_lo AND e.id <= v_hi
          ORDER BY e.id
          LIMIT v_limit + 1
     )
@@ -1249,8 +1278,9 @@ BEGIN
     IF v_from < 0 OR v_to <= v_from THEN
         RETURN timebank.s_err('invalid_period', 'The period must have from < to.');
     END IF;
-    IF octet_length(v_name) NOT BETWEEN 1 AND 64 THEN
-        RETURN timebank.s_err('invalid_argument', 'holder_name holds 1 to 64 bytes.');
+    IF octet_length(v_name) NOT BETWEEN 1 AND 64 OR v_name ~ '[[:cntrl:]]' THEN
+        RETURN timebank.s_err('invalid_argument',
+            'holder_name holds 1 to 64 bytes and no control characters.');
     END IF;
     IF v_idno !~ '^[0-9A-Z]{6,32}$' THEN
         RETURN timebank.s_err('invalid_argument',
@@ -1345,28 +1375,24 @@ BEGIN
     SELECT coalesce(sum(t.minutes), 0) INTO v_rev
       FROM timebank.transfers t
      WHERE t.reverses_id = ANY (v_c.movements);
+    -- authentic, but no longer standing in full: the reader must know
     RETURN timebank.s_ok('', timebank.s_cert_json(v_c, v_digest)
-                             || jsonb_build_object('code', v_code, 'reversed_minutes', v_rev));
+                             || jsonb_build_object('code', v_code, 'reversed_minutes', v_rev)
+                             || CASE WHEN v_rev > 0 THEN jsonb_build_object('problem',
+                                    format('%s of the %s minutes it certifies were reversed after '
+                                           'it was issued', v_rev, v_c.total_minutes))
+                                ELSE '{}' END);
 END
 $$;
 
 -- ------------------------------------------------------------ registry events
 
--- Applies one registry event (an internal command of the daemon's
--- subscriber), at most once: the stream position is stored with the change.
--- 'gap' when the event is not the next one expected; the daemon then
--- resubscribes from the stored position.
-CREATE FUNCTION timebank.cmd_apply_event(p_args jsonb, p_ctx jsonb)
-RETURNS timebank.cmd_result
+-- Applies one registry event of a kind the timebank follows; others are
+-- ignored. The caller keeps the stream position.
+CREATE FUNCTION timebank.s_apply_one(v_type text, p jsonb, v_at bigint, p_ctx jsonb)
+RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_stream  text := timebank.s_text(p_args, 'stream');
-    v_epoch   bigint := timebank.s_int(p_args, 'epoch');
-    v_seq     bigint := timebank.s_int(p_args, 'seq');
-    v_type    text := timebank.s_text(p_args, 'type');
-    v_at      bigint := timebank.s_int(p_args, 'occurred_at');
-    p         jsonb := coalesce(p_args -> 'payload', '{}');
-    v_pos     timebank.inbox;
     v_stay    timebank.open_stays;
     v_act     timebank.activities;
     v_r       timebank.rules;
@@ -1377,29 +1403,6 @@ DECLARE
     v_rec     bigint;
     v_auto    boolean;
 BEGIN
-    IF v_stream IS NULL OR v_stream = '' OR v_epoch IS NULL OR v_seq IS NULL OR v_seq < 1
-       OR v_type IS NULL OR v_at IS NULL THEN
-        RETURN timebank.s_err('invalid_argument', 'stream, epoch, seq and type are required.');
-    END IF;
-    SELECT * INTO v_pos FROM timebank.inbox WHERE stream = v_stream FOR UPDATE;
-    IF NOT FOUND THEN
-        IF v_seq <> 1 THEN
-            RETURN timebank.s_err('gap', format('expected %s event 1, got %s', v_stream, v_seq));
-        END IF;
-        INSERT INTO timebank.inbox (stream, epoch, seq) VALUES (v_stream, v_epoch, 0);
-    ELSIF v_pos.epoch <> v_epoch THEN
-        -- the producer's history restarted: its next epoch begins at 1
-        IF v_seq <> 1 THEN
-            RETURN timebank.s_err('gap', format('new epoch %s starts at event %s', v_epoch, v_seq));
-        END IF;
-    ELSIF v_seq <= v_pos.seq THEN
-        RETURN timebank.s_ok('duplicate', '{}');
-    ELSIF v_seq > v_pos.seq + 1 THEN
-        RETURN timebank.s_err('gap', format('expected %s event %s, got %s', v_stream,
-                                            v_pos.seq + 1, v_seq));
-    END IF;
-    UPDATE timebank.inbox SET epoch = v_epoch, seq = v_seq WHERE stream = v_stream;
-
     IF v_type = 'community_created' THEN
         PERFORM timebank.s_community_ensure(timebank.s_int(p, 'id'),
                     coalesce(timebank.s_text(p, 'name'), ''),
@@ -1414,8 +1417,7 @@ BEGIN
                 coalesce(p -> 'roles', '[]') ? 'ROLE_ORGANISER'
                     OR coalesce(p -> 'roles', '[]') @> '[3]',
                 v_at)
-        ON CONFLICT (id) DO UPDATE SET community_id = excluded.community_id,
-            volunteer = excluded.volunteer, organiser = excluded.organiser;
+        ON CONFLICT (id) DO NOTHING;   -- one id, one person: the stream never reuses ids
         INSERT INTO timebank.accounts (kind, person_id, community_id, created_at)
         VALUES ('person', timebank.s_int(p, 'id'), timebank.s_int(p, 'community_id'), v_at)
         ON CONFLICT (person_id) WHERE kind = 'person' DO NOTHING;
@@ -1427,18 +1429,6 @@ BEGIN
                 timebank.s_int(p, 'ends_at'))
         ON CONFLICT (id) DO UPDATE SET title = excluded.title, starts_at = excluded.starts_at,
             ends_at = excluded.ends_at;
-    ELSIF v_type = 'checked_in' THEN
-        -- a volunteer's stay at an activity is service; others attend
-        IF timebank.s_int(p, 'activity_id') > 0
-           AND EXISTS (SELECT 1 FROM timebank.people
-                        WHERE id = timebank.s_int(p, 'person_id') AND volunteer)
-           AND EXISTS (SELECT 1 FROM timebank.activities
-                        WHERE id = timebank.s_int(p, 'activity_id')) THEN
-            INSERT INTO timebank.open_stays (checkin_id, person_id, activity_id, at)
-            VALUES (timebank.s_int(p, 'checkin_id'), timebank.s_int(p, 'person_id'),
-                    timebank.s_int(p, 'activity_id'), timebank.s_int(p, 'at'))
-            ON CONFLICT DO NOTHING;
-        END IF;
     ELSIF v_type = 'checked_out' THEN
         DELETE FROM timebank.open_stays WHERE checkin_id = timebank.s_int(p, 'checkin_id')
         RETURNING * INTO v_stay;
@@ -1483,6 +1473,104 @@ BEGIN
             END IF;
         END IF;
     END IF;
+END
+$$;
+
+-- Applies a run of registry events (an internal command of the daemon's
+-- subscriber), each at most once: the stream position is stored with the
+-- change. args: {"stream", "epoch", "first", "last", "events": [{"seq",
+-- "type", "at", "p": payload}, ...]}, the events numbered first..last of
+-- which the daemon sends only the kinds the timebank follows (the others
+-- only move the position). Events at or below the stored position are
+-- skipped; 'gap' when the run starts past the next expected event, and
+-- the daemon then resubscribes from the stored position.
+CREATE FUNCTION timebank.cmd_apply_events(p_args jsonb, p_ctx jsonb)
+RETURNS timebank.cmd_result
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_stream  text := timebank.s_text(p_args, 'stream');
+    v_epoch   bigint := timebank.s_int(p_args, 'epoch');
+    v_first   bigint := timebank.s_int(p_args, 'first');
+    v_last    bigint := timebank.s_int(p_args, 'last');
+    v_events  jsonb := coalesce(p_args -> 'events', '[]');
+    v_pos     timebank.inbox;
+    v_done    bigint;
+    e         record;
+BEGIN
+    IF v_stream IS NULL OR v_stream = '' OR v_epoch IS NULL OR v_first IS NULL
+       OR v_last IS NULL OR v_first < 1 OR v_last < v_first
+       OR jsonb_typeof(v_events) <> 'array' THEN
+        RETURN timebank.s_err('invalid_argument',
+            'stream, epoch, first <= last and an array of events are required.');
+    END IF;
+    -- Every event is an object with an integer seq from first to last, and
+    -- a check-in's ids are integers. Read by jsonb_to_recordset, which is
+    -- fast and raises on a wrong type: here, before anything is written.
+    BEGIN
+        IF EXISTS (SELECT 1 FROM jsonb_to_recordset(v_events) AS x (seq bigint)
+                    WHERE x.seq IS NULL OR x.seq NOT BETWEEN v_first AND v_last)
+           OR EXISTS (SELECT 1
+                        FROM jsonb_to_recordset(v_events) AS x (type text, p jsonb),
+                             jsonb_to_record(coalesce(x.p, '{}')) AS y (checkin_id bigint,
+                                 person_id bigint, activity_id bigint, at bigint)
+                       WHERE x.type = 'checked_in' AND y.checkin_id IS NULL) THEN
+            RETURN timebank.s_err('invalid_argument',
+                'Every event has a seq from first to last; a check-in has its ids.');
+        END IF;
+    EXCEPTION WHEN data_exception THEN
+        RETURN timebank.s_err('invalid_argument', 'An event is not what the registry sends.');
+    END;
+    SELECT * INTO v_pos FROM timebank.inbox WHERE stream = v_stream FOR UPDATE;
+    IF NOT FOUND THEN
+        IF v_first <> 1 THEN
+            RETURN timebank.s_err('gap', format('expected %s event 1, got %s', v_stream, v_first));
+        END IF;
+        INSERT INTO timebank.inbox (stream, epoch, seq) VALUES (v_stream, v_epoch, 0);
+        v_done := 0;
+    ELSIF v_pos.epoch <> v_epoch THEN
+        -- The registry's history restarted (a new epoch): its ids start
+        -- again, and the people, activities and check-ins they name are no
+        -- longer the ones our accounts and records belong to. Hours are
+        -- money: nothing is applied, and an operator decides.
+        RETURN timebank.s_err('epoch_changed',
+            format('The registry''s history restarted (epoch %s, ours %s): its ids no longer '
+                   'name what the ledger holds.', v_epoch, v_pos.epoch));
+    ELSIF v_last <= v_pos.seq THEN
+        RETURN timebank.s_ok('duplicate', '{}');
+    ELSIF v_first > v_pos.seq + 1 THEN
+        RETURN timebank.s_err('gap', format('expected %s event %s, got %s', v_stream,
+                                            v_pos.seq + 1, v_first));
+    ELSE
+        v_done := v_pos.seq;
+    END IF;
+    -- Check-ins are the flood: they go in one statement, after the events
+    -- that create what they name and before the check-outs that close
+    -- them. That is the order of the stream: the registry registers a
+    -- person and creates an activity before anyone checks in there, and
+    -- checks a check-in out after it.
+    FOR e IN SELECT x.type, x.at, x.p
+               FROM jsonb_to_recordset(v_events) AS x (seq bigint, type text, at bigint, p jsonb)
+              WHERE x.type NOT IN ('checked_in', 'checked_out') AND x.seq > v_done LOOP
+        PERFORM timebank.s_apply_one(coalesce(e.type, ''), coalesce(e.p, '{}'),
+                                     coalesce(e.at, 0), p_ctx);
+    END LOOP;
+    -- a volunteer's stay at an activity is service; others attend
+    INSERT INTO timebank.open_stays (checkin_id, person_id, activity_id, at)
+    SELECT y.checkin_id, y.person_id, y.activity_id, coalesce(y.at, 0)
+      FROM jsonb_to_recordset(v_events) AS x (seq bigint, type text, p jsonb),
+           jsonb_to_record(x.p) AS y (checkin_id bigint, person_id bigint, activity_id bigint,
+                                      at bigint)
+     WHERE x.type = 'checked_in' AND x.seq > v_done AND y.activity_id > 0
+       AND (SELECT p.volunteer FROM timebank.people p WHERE p.id = y.person_id)
+       AND (SELECT true FROM timebank.activities a WHERE a.id = y.activity_id)
+    ON CONFLICT DO NOTHING;
+    FOR e IN SELECT x.type, x.at, x.p
+               FROM jsonb_to_recordset(v_events) AS x (seq bigint, type text, at bigint, p jsonb)
+              WHERE x.type = 'checked_out' AND x.seq > v_done LOOP
+        PERFORM timebank.s_apply_one('checked_out', coalesce(e.p, '{}'), coalesce(e.at, 0),
+                                     p_ctx);
+    END LOOP;
+    UPDATE timebank.inbox SET epoch = v_epoch, seq = v_last WHERE stream = v_stream;
     RETURN timebank.s_ok('applied', '{}');
 END
 $$;
@@ -1532,7 +1620,7 @@ BEGIN
         r := CASE p_name
             WHEN 'gift' THEN timebank.cmd_gift(v_args, v_ctx)
             WHEN 'spend' THEN timebank.cmd_spend(v_args, v_ctx)
-            WHEN 'apply_event' THEN timebank.cmd_apply_event(v_args, v_ctx)
+            WHEN 'apply_events' THEN timebank.cmd_apply_events(v_args, v_ctx)
             WHEN 'record_hours' THEN timebank.cmd_record_hours(v_args, v_ctx)
             WHEN 'approve_hours' THEN timebank.cmd_approve_hours(v_args, v_ctx)
             WHEN 'decline_hours' THEN timebank.cmd_decline_hours(v_args, v_ctx)

@@ -15,8 +15,12 @@
 -- order, with the balances of every account the run touches held in arrays
 -- (under the accounts' row locks), and written with one statement per
 -- table: a movement costs its rows and index entries, not a PL/pgSQL call
--- per row. The replies, rows and events are exactly those of running each
--- command through timebank.exec in order.
+-- per row. The replies, balances, entries with their running balances,
+-- events and idempotency records are those of running each command through
+-- timebank.exec in order (tests/sql/timebank_lane_test.sql checks it),
+-- with one difference: in a batch where the pass leaves commands to exec,
+-- the movements it decided get their numbers (ids, event sequence) before
+-- those. Each account still sees its commands in order.
 
 -- A run of lane movements, the first at position p_first of the batch: one
 -- row each, i its position. Commands the pass does not decide itself (any
@@ -330,8 +334,11 @@ BEGIN
     -- movements only takes it late, after locking its accounts (in id
     -- order) and deciding, so that two such batches on different accounts
     -- (the daemon runs two at once) do that work at the same time; they
-    -- cannot deadlock, as each holds every account lock it needs before it
-    -- waits for the turn.
+    -- cannot deadlock, as each holds every account lock it needs (its
+    -- fallbacks' included) before it waits for the turn. The daemon never
+    -- runs a batch with a JSON command beside another: two timebanks on one
+    -- database could deadlock that way, and PostgreSQL would abort one
+    -- batch, which its daemon reruns one command at a time.
     IF v_rows < v_n THEN
         PERFORM timebank.s_outbox_turn();
     END IF;
