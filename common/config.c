@@ -142,3 +142,9 @@ void config_reset(void)
     s_entries = NULL;
     s_count = 0;
 }
+
+char *config_pg(void)
+{
+    char *c = config_secret("LINLI_PG");
+    return c ? c : xstrdup("dbname=linli");
+}

@@ -38,6 +38,11 @@ int config_int(const char *key, int64_t def, int64_t min, int64_t max, int64_t *
  * file cannot be read (logged, without the secret). */
 char *config_secret(const char *key);
 
+/* The libpq connection string: LINLI_PG, or LINLI_PG_FILE (it may carry a
+ * password, so it is a secret like any other); "dbname=linli" when neither
+ * is set. Returns a new string the caller frees. */
+char *config_pg(void);
+
 /* Forgets the loaded file (for tests). */
 void config_reset(void);
 

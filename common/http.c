@@ -51,32 +51,6 @@ struct lx_http {
     int port;             /* port actually bound */
 };
 
-/* A growing NUL-terminated string for rendering. */
-typedef struct {
-    char *p;     /* owned */
-    size_t len;  /* bytes before the NUL */
-    size_t cap;  /* bytes allocated */
-} s_buf_t;
-
-static void s_buf_add(s_buf_t *b, const char *s, size_t n)
-{
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 512;
-        while (b->len + n + 1 > cap)
-            cap *= 2;
-        b->p = xrealloc(b->p, cap);
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void s_buf_str(s_buf_t *b, const char *s)
-{
-    s_buf_add(b, s, strlen(s));
-}
-
 /* ---- metrics registry ------------------------------------------------- */
 
 /* Prometheus metric names: [a-zA-Z_:][a-zA-Z0-9_:]*. */
@@ -192,15 +166,15 @@ void metric_set(metric_t *g, double v)
 }
 
 /* HELP text escapes backslash and newline (exposition format 0.0.4). */
-static void s_help_escape(s_buf_t *b, const char *s)
+static void s_help_escape(lx_buf_t *b, const char *s)
 {
     for (; *s; s++) {
         if (*s == '\\')
-            s_buf_add(b, "\\\\", 2);
+            buf_add(b, "\\\\", 2);
         else if (*s == '\n')
-            s_buf_add(b, "\\n", 2);
+            buf_add(b, "\\n", 2);
         else
-            s_buf_add(b, s, 1);
+            buf_add(b, s, 1);
     }
 }
 
@@ -219,28 +193,28 @@ static void s_fmt_double(char *out, size_t len, double v)
     }
 }
 
-static void s_render_sample(s_buf_t *b, const metric_t *c)
+static void s_render_sample(lx_buf_t *b, const metric_t *c)
 {
     char num[64];
-    s_buf_str(b, c->name);
+    buf_str(b, c->name);
     if (c->labels) {
-        s_buf_add(b, "{", 1);
-        s_buf_str(b, c->labels);
-        s_buf_add(b, "}", 1);
+        buf_add(b, "{", 1);
+        buf_str(b, c->labels);
+        buf_add(b, "}", 1);
     }
     if (c->is_gauge)
         s_fmt_double(num, sizeof num, c->value);
     else
         snprintf(num, sizeof num, "%" PRIu64, c->count);
-    s_buf_add(b, " ", 1);
-    s_buf_str(b, num);
-    s_buf_add(b, "\n", 1);
+    buf_add(b, " ", 1);
+    buf_str(b, num);
+    buf_add(b, "\n", 1);
 }
 
 char *metrics_render(const metrics_t *m)
 {
-    s_buf_t b = {0};
-    s_buf_add(&b, "", 0);
+    lx_buf_t b = {0};
+    buf_add(&b, "", 0);
     if (!m)
         return b.p;
     for (const metric_t *c = m->head; c; c = c->next) {
@@ -252,13 +226,13 @@ char *metrics_render(const metrics_t *m)
             e = e->next;
         if (e != c)
             continue;
-        s_buf_str(&b, "# HELP ");
-        s_buf_str(&b, c->name);
-        s_buf_add(&b, " ", 1);
+        buf_str(&b, "# HELP ");
+        buf_str(&b, c->name);
+        buf_add(&b, " ", 1);
         s_help_escape(&b, c->help);
-        s_buf_str(&b, "\n# TYPE ");
-        s_buf_str(&b, c->name);
-        s_buf_str(&b, c->is_gauge ? " gauge\n" : " counter\n");
+        buf_str(&b, "\n# TYPE ");
+        buf_str(&b, c->name);
+        buf_str(&b, c->is_gauge ? " gauge\n" : " counter\n");
         for (const metric_t *s = c; s; s = s->next)
             if (strcmp(s->name, c->name) == 0)
                 s_render_sample(&b, s);

@@ -379,3 +379,21 @@ free_files:
     s_files_free(files, nfiles);
     return rc;
 }
+
+int migrate_service(const char *conninfo, const char *schema, const char *dir)
+{
+    PGconn *conn = PQconnectdb(conninfo);
+    int rc = -1;
+    if (PQstatus(conn) != CONNECTION_OK) {
+        log_error("migrate", "cannot connect err=%s", PQerrorMessage(conn));
+        goto done;
+    }
+    int n = migrate_apply(conn, schema, dir);
+    if (n >= 0) {
+        log_info("migrate", "schema up to date schema=%s applied=%d", schema, n);
+        rc = 0;
+    }
+done:
+    PQfinish(conn);
+    return rc;
+}

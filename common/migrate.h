@@ -17,4 +17,9 @@
  * logged; a failing file changes nothing. */
 int migrate_apply(PGconn *conn, const char *schema, const char *dir);
 
+/* A service's start-up migration: connects to conninfo, applies dir for
+ * schema (migrate_apply), logs the outcome and disconnects. Returns 0 when
+ * the schema is up to date, -1 (logged) otherwise. */
+int migrate_service(const char *conninfo, const char *schema, const char *dir);
+
 #endif

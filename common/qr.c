@@ -20,49 +20,6 @@
 #define S_PX_MAX 64
 #define S_STORED_MAX 65535  /* most bytes one stored deflate block holds */
 
-/* A growing NUL-terminated string. */
-typedef struct {
-    char *p;     /* owned; NUL-terminated once anything was added */
-    size_t len;  /* bytes before the NUL */
-    size_t cap;  /* bytes allocated */
-} s_buf_t;
-
-static void s_buf_add(s_buf_t *b, const char *s, size_t n)
-{
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 1024;
-        while (b->len + n + 1 > cap)
-            cap *= 2;
-        b->p = xrealloc(b->p, cap);
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void s_buf_printf(s_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void s_buf_printf(s_buf_t *b, const char *fmt, ...)
-{
-    char small[128];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(small, sizeof small, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return;
-    if ((size_t)n < sizeof small) {
-        s_buf_add(b, small, (size_t)n);
-        return;
-    }
-    char *big = xmalloc((size_t)n + 1);
-    va_start(ap, fmt);
-    vsnprintf(big, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    s_buf_add(b, big, (size_t)n);
-    free(big);
-}
-
 /* Encodes text at level M, or NULL when it is empty or does not fit. */
 static QRcode *s_encode(const char *text, int module_px)
 {
@@ -104,17 +61,17 @@ static size_t s_utf8_len(const unsigned char *s)
  * so besides the five markup characters, control bytes are dropped (line
  * breaks become spaces) and invalid UTF-8 becomes U+FFFD: otherwise the
  * document would not parse. */
-static void s_xml_escape(s_buf_t *b, const char *s)
+static void s_xml_escape(lx_buf_t *b, const char *s)
 {
     const unsigned char *p = (const unsigned char *)s;
     while (*p) {
         switch (*p) {
-        case '&': s_buf_add(b, "&amp;", 5); p++; continue;
-        case '<': s_buf_add(b, "&lt;", 4); p++; continue;
-        case '>': s_buf_add(b, "&gt;", 4); p++; continue;
-        case '"': s_buf_add(b, "&quot;", 6); p++; continue;
-        case '\'': s_buf_add(b, "&apos;", 6); p++; continue;
-        case '\t': case '\n': case '\r': s_buf_add(b, " ", 1); p++; continue;
+        case '&': buf_add(b, "&amp;", 5); p++; continue;
+        case '<': buf_add(b, "&lt;", 4); p++; continue;
+        case '>': buf_add(b, "&gt;", 4); p++; continue;
+        case '"': buf_add(b, "&quot;", 6); p++; continue;
+        case '\'': buf_add(b, "&apos;", 6); p++; continue;
+        case '\t': case '\n': case '\r': buf_add(b, " ", 1); p++; continue;
         default: break;
         }
         if (*p < 0x20) {
@@ -123,11 +80,11 @@ static void s_xml_escape(s_buf_t *b, const char *s)
         }
         size_t n = s_utf8_len(p);
         if (n == 0) {
-            s_buf_add(b, "\xef\xbf\xbd", 3);
+            buf_add(b, "\xef\xbf\xbd", 3);
             p++;
             continue;
         }
-        s_buf_add(b, (const char *)p, n);
+        buf_add(b, (const char *)p, n);
         p += n;
     }
 }
@@ -141,8 +98,8 @@ char *qr_svg(const char *text, int module_px, const char *caption)
     int size = (qr->width + 2 * S_QUIET) * module_px;
     int font = module_px * 2 < 12 ? 12 : module_px * 2;
     int height = caption ? size + font * 2 : size;
-    s_buf_t b = {0};
-    s_buf_printf(&b,
+    lx_buf_t b = {0};
+    buf_printf(&b,
                  "<svg xmlns=\"http://www.w3.org/2000/svg\" version=\"1.1\" width=\"%d\" "
                  "height=\"%d\" viewBox=\"0 0 %d %d\" shape-rendering=\"crispEdges\">\n"
                  "<rect width=\"%d\" height=\"%d\" fill=\"#ffffff\"/>\n<path fill=\"#000000\" d=\"",
@@ -159,21 +116,21 @@ char *qr_svg(const char *text, int module_px, const char *caption)
             int run = 1;
             while (x + run < qr->width && (row[x + run] & 1))
                 run++;
-            s_buf_printf(&b, "M%d %dh%dv%dh-%dz", (x + S_QUIET) * module_px,
+            buf_printf(&b, "M%d %dh%dv%dh-%dz", (x + S_QUIET) * module_px,
                          (y + S_QUIET) * module_px, run * module_px, module_px, run * module_px);
             x += run;
         }
     }
-    s_buf_add(&b, "\"/>\n", 4);
+    buf_add(&b, "\"/>\n", 4);
     if (caption) {
-        s_buf_printf(&b,
+        buf_printf(&b,
                      "<text x=\"50%%\" y=\"%d\" font-family=\"sans-serif\" font-size=\"%d\" "
                      "text-anchor=\"middle\" fill=\"#000000\">",
                      size + font * 7 / 5, font);
         s_xml_escape(&b, caption);
-        s_buf_add(&b, "</text>\n", 8);
+        buf_add(&b, "</text>\n", 8);
     }
-    s_buf_add(&b, "</svg>\n", 7);
+    buf_add(&b, "</svg>\n", 7);
     QRcode_free(qr);
     return b.p;
 }

@@ -40,6 +40,22 @@ size_t utf8_seq_len(const unsigned char *p, size_t n);
 /* 1 when the n bytes at s are well-formed UTF-8, else 0. */
 int utf8_valid(const char *s, size_t n);
 
+/* A growing NUL-terminated string, for rendering text (HTTP bodies, SVG,
+ * HTML). Start from {0}; p is owned by the holder (free it), and NULL
+ * until something was added. */
+typedef struct {
+    char *p;     /* owned */
+    size_t len;  /* bytes before the NUL */
+    size_t cap;  /* bytes allocated */
+} lx_buf_t;
+
+/* Append n bytes of s (any bytes; the buffer stays NUL-terminated). */
+void buf_add(lx_buf_t *b, const char *s, size_t n);
+/* Append the string s. */
+void buf_str(lx_buf_t *b, const char *s);
+/* Append printf output, of any length. */
+void buf_printf(lx_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
 /* Writes a new random (v4) UUID as 36 characters plus NUL into out. */
 void uuid_new(char out[37]);
 /* 1 when s is a UUID in canonical text form, else 0. */

@@ -49,31 +49,10 @@ struct registry {
     bool stopping;
 };
 
-/* The libpq connection string may carry a password: LINLI_PG_FILE names a
- * file holding it, as for every secret. */
-static char *s_conninfo(void)
-{
-    char *c = config_secret("LINLI_PG");
-    return c ? c : xstrdup("dbname=linli");
-}
-
 int registry_migrate(void)
 {
-    char *conninfo = s_conninfo();
-    const char *dir = config_get("LINLI_REGISTRY_MIGRATIONS", "services/registry/migrations");
-    PGconn *conn = PQconnectdb(conninfo);
-    int rc = -1;
-    if (PQstatus(conn) != CONNECTION_OK) {
-        log_error("migrate", "cannot connect err=%s", PQerrorMessage(conn));
-        goto done;
-    }
-    int n = migrate_apply(conn, S_SCHEMA, dir);
-    if (n >= 0) {
-        log_info("migrate", "schema up to date schema=%s applied=%d", S_SCHEMA, n);
-        rc = 0;
-    }
-done:
-    PQfinish(conn);
+    char *conninfo = config_pg();
+    int rc = migrate_service(conninfo, S_SCHEMA, config_get("LINLI_REGISTRY_MIGRATIONS", "services/registry/migrations"));
     free(conninfo);
     return rc;
 }
@@ -352,7 +331,7 @@ registry_t *registry_new(struct event_base *base)
     if (strcmp(config_get("LINLI_MIGRATE", "1"), "0") != 0 && registry_migrate() != 0)
         goto fail;
 
-    r->conninfo = s_conninfo();
+    r->conninfo = config_pg();
     const char *conninfo = r->conninfo;
     r->zctx = zmq_ctx_new();
     r->db = db_new(base, conninfo);

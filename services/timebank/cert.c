@@ -87,45 +87,10 @@ int cert_code_matches(const void *secret, size_t secret_len, const char *number,
 
 /* ---- HTML ---- */
 
-typedef struct {
-    char *p;
-    size_t len, cap;
-} s_buf_t;
-
-static void s_add(s_buf_t *b, const char *s, size_t n)
-{
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 1024;
-        while (cap < b->len + n + 1)
-            cap *= 2;
-        b->p = xrealloc(b->p, cap);
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void s_str(s_buf_t *b, const char *s)
-{
-    s_add(b, s, strlen(s));
-}
-
-__attribute__((format(printf, 2, 3))) static void s_printf(s_buf_t *b, const char *fmt, ...)
-{
-    char tmp[512];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (n > 0)
-        s_add(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
-}
-
 /* Appends at most max bytes of s (cut at a character boundary, "…" then
  * added), escaped. Invalid UTF-8 cannot come from jansson; it is dropped
  * byte by byte all the same. */
-static void s_esc(s_buf_t *b, const char *s, size_t max)
+static void s_esc(lx_buf_t *b, const char *s, size_t max)
 {
     if (!s)
         return;
@@ -138,19 +103,19 @@ static void s_esc(s_buf_t *b, const char *s, size_t max)
             continue;
         }
         if (used + k > max) {
-            s_str(b, "…");
+            buf_str(b, "…");
             return;
         }
         used += k;
         switch (c) {
-        case '&': s_str(b, "&amp;"); break;
-        case '<': s_str(b, "&lt;"); break;
-        case '>': s_str(b, "&gt;"); break;
-        case '"': s_str(b, "&quot;"); break;
-        case '\'': s_str(b, "&#39;"); break;
+        case '&': buf_str(b, "&amp;"); break;
+        case '<': buf_str(b, "&lt;"); break;
+        case '>': buf_str(b, "&gt;"); break;
+        case '"': buf_str(b, "&quot;"); break;
+        case '\'': buf_str(b, "&#39;"); break;
         default:
             if (c >= 0x20 || c == '\t' || c == '\n')
-                s_add(b, s + i, k);
+                buf_add(b, s + i, k);
         }
         i += k;
     }
@@ -158,8 +123,8 @@ static void s_esc(s_buf_t *b, const char *s, size_t max)
 
 char *cert_html_escape(const char *s)
 {
-    s_buf_t b = { 0 };
-    s_add(&b, "", 0);
+    lx_buf_t b = { 0 };
+    buf_add(&b, "", 0);
     s_esc(&b, s, (size_t)-1);
     return b.p;
 }
@@ -217,13 +182,13 @@ static const char s_style[] =
     "</style>\n";
 
 /* One row of the facts table: label (our own text) and value (escaped). */
-static void s_fact(s_buf_t *b, const char *label, const char *value, size_t max)
+static void s_fact(lx_buf_t *b, const char *label, const char *value, size_t max)
 {
-    s_str(b, "<tr><th>");
-    s_str(b, label);
-    s_str(b, "</th><td>");
+    buf_str(b, "<tr><th>");
+    buf_str(b, label);
+    buf_str(b, "</th><td>");
     s_esc(b, value, max);
-    s_str(b, "</td></tr>\n");
+    buf_str(b, "</td></tr>\n");
 }
 
 char *cert_html(const json_t *result)
@@ -240,71 +205,71 @@ char *cert_html(const json_t *result)
     s_date(to ? to - 1 : 0, d_to);
     s_hours(s_get_int(result, "total_minutes"), hours);
 
-    s_buf_t head = { 0 };
-    s_str(&head, "<!DOCTYPE html>\n<html lang=\"zh-CN\">\n<head>\n<meta charset=\"utf-8\">\n"
+    lx_buf_t head = { 0 };
+    buf_str(&head, "<!DOCTYPE html>\n<html lang=\"zh-CN\">\n<head>\n<meta charset=\"utf-8\">\n"
                  "<title>Certificate of Volunteer Service / 志愿服务证明 ");
     s_esc(&head, number, S_FIELD_MAX);
-    s_str(&head, "</title>\n");
-    s_str(&head, s_style);
-    s_str(&head, "</head>\n<body>\n<h1>Certificate of Volunteer Service<br>志愿服务证明</h1>\n"
+    buf_str(&head, "</title>\n");
+    buf_str(&head, s_style);
+    buf_str(&head, "</head>\n<body>\n<h1>Certificate of Volunteer Service<br>志愿服务证明</h1>\n"
                  "<p class=\"number\">No. / 编号: ");
     s_esc(&head, number, S_FIELD_MAX);
-    s_str(&head, "</p>\n<table class=\"facts\">\n");
+    buf_str(&head, "</p>\n<table class=\"facts\">\n");
     s_fact(&head, "Holder / 姓名", s_get_str(result, "holder_name"), S_FIELD_MAX);
     s_fact(&head, "ID number / 证件号码", s_get_str(result, "id_number_masked"), S_FIELD_MAX);
     s_fact(&head, "Issued by / 出具单位", s_get_str(result, "issuer"), S_FIELD_MAX);
-    s_str(&head, "<tr><th>Issued on / 出具日期</th><td>");
-    s_str(&head, issued);
-    s_str(&head, " (UTC+8)</td></tr>\n<tr><th>Period / 服务期间</th><td>");
-    s_str(&head, d_from[0] ? d_from : "—");
-    s_str(&head, " – ");
-    s_str(&head, d_to[0] ? d_to : issued);
-    s_str(&head, " (UTC+8, both days included)</td></tr>\n"
+    buf_str(&head, "<tr><th>Issued on / 出具日期</th><td>");
+    buf_str(&head, issued);
+    buf_str(&head, " (UTC+8)</td></tr>\n<tr><th>Period / 服务期间</th><td>");
+    buf_str(&head, d_from[0] ? d_from : "—");
+    buf_str(&head, " – ");
+    buf_str(&head, d_to[0] ? d_to : issued);
+    buf_str(&head, " (UTC+8, both days included)</td></tr>\n"
                  "<tr><th>Total hours / 累计服务时长</th><td>");
-    s_str(&head, hours);
-    s_str(&head, " h / 小时</td></tr>\n<tr><th>Movements covered / 所含记录</th><td>");
+    buf_str(&head, hours);
+    buf_str(&head, " h / 小时</td></tr>\n<tr><th>Movements covered / 所含记录</th><td>");
     snprintf(count, sizeof count, "%lld", s_get_int(result, "movements"));
-    s_str(&head, count);
-    s_str(&head, "</td></tr>\n</table>\n<h2>Service by month / 服务明细</h2>\n"
+    buf_str(&head, count);
+    buf_str(&head, "</td></tr>\n</table>\n<h2>Service by month / 服务明细</h2>\n"
                  "<table class=\"months\">\n<thead><tr><th>Month / 月份</th>"
                  "<th>Hours / 时长</th><th>Service / 服务内容</th></tr></thead>\n<tbody>\n");
 
-    s_buf_t tail = { 0 };
-    s_str(&tail, "</tbody>\n</table>\n");
-    s_buf_t foot = { 0 };
-    s_str(&foot, "<div class=\"verify\">\n");
+    lx_buf_t tail = { 0 };
+    buf_str(&tail, "</tbody>\n</table>\n");
+    lx_buf_t foot = { 0 };
+    buf_str(&foot, "<div class=\"verify\">\n");
     char *svg = code[0] ? qr_svg(code, S_QR_PX, NULL) : NULL;
     if (svg)
-        s_str(&foot, svg);
+        buf_str(&foot, svg);
     free(svg);
-    s_str(&foot, "<div>\n<p>Verification code / 验证码:<br><span class=\"code\">");
+    buf_str(&foot, "<div>\n<p>Verification code / 验证码:<br><span class=\"code\">");
     s_esc(&foot, code, CERT_CODE_MAX + 8);
-    s_str(&foot, "</span></p>\n<p class=\"note\">The timebank checks this code against the "
+    buf_str(&foot, "</span></p>\n<p class=\"note\">The timebank checks this code against the "
                  "certificate and its ledger (verify_certificate). / 可凭验证码向时间银行核验本证明"
                  "及其账目。</p>\n</div>\n</div>\n</body>\n</html>\n");
 
     /* The months, as many as fit: the page goes out in one reply. */
-    s_buf_t rows = { 0 };
-    s_add(&rows, "", 0);
+    lx_buf_t rows = { 0 };
+    buf_add(&rows, "", 0);
     const json_t *periods = json_object_get(result, "periods");
     size_t total = json_is_array(periods) ? json_array_size(periods) : 0, shown = 0;
     size_t fixed = head.len + tail.len + foot.len + S_NOTE_MAX;
     size_t budget = fixed < CERT_HTML_MAX ? CERT_HTML_MAX - fixed : 0;
     for (size_t i = 0; i < total; i++) {
         const json_t *m = json_array_get(periods, i);
-        s_buf_t row = { 0 };
+        lx_buf_t row = { 0 };
         char h[32];
         s_hours(s_get_int(m, "minutes"), h);
-        s_str(&row, "<tr><td>");
+        buf_str(&row, "<tr><td>");
         s_esc(&row, s_get_str(m, "month"), 32);
-        s_str(&row, "</td><td class=\"h\">");
-        s_str(&row, h);
-        s_str(&row, "</td><td>");
+        buf_str(&row, "</td><td class=\"h\">");
+        buf_str(&row, h);
+        buf_str(&row, "</td><td>");
         s_esc(&row, s_get_str(m, "content"), S_CONTENT_MAX);
-        s_str(&row, "</td></tr>\n");
+        buf_str(&row, "</td></tr>\n");
         bool fits = rows.len + row.len <= budget;
         if (fits) {
-            s_add(&rows, row.p, row.len);
+            buf_add(&rows, row.p, row.len);
             shown++;
         }
         free(row.p);
@@ -312,14 +277,14 @@ char *cert_html(const json_t *result)
             break;
     }
     if (shown < total)
-        s_printf(&tail, "<p class=\"note\">%zu more month(s) not listed here; the total includes "
+        buf_printf(&tail, "<p class=\"note\">%zu more month(s) not listed here; the total includes "
                         "them. / 另有 %zu 个月未列出，已计入累计时长。</p>\n",
                  total - shown, total - shown);
 
-    s_buf_t page = head;
-    s_add(&page, rows.p, rows.len);
-    s_add(&page, tail.p, tail.len);
-    s_add(&page, foot.p, foot.len);
+    lx_buf_t page = head;
+    buf_add(&page, rows.p, rows.len);
+    buf_add(&page, tail.p, tail.len);
+    buf_add(&page, foot.p, foot.len);
     free(rows.p);
     free(tail.p);
     free(foot.p);

@@ -74,31 +74,10 @@ struct timebank {
     bool stopping;
 };
 
-/* The libpq connection string may carry a password: LINLI_PG_FILE names a
- * file holding it, as for every secret. */
-static char *s_conninfo(void)
-{
-    char *c = config_secret("LINLI_PG");
-    return c ? c : xstrdup("dbname=linli");
-}
-
 int timebank_migrate(void)
 {
-    char *conninfo = s_conninfo();
-    const char *dir = config_get("LINLI_TIMEBANK_MIGRATIONS", "services/timebank/migrations");
-    PGconn *conn = PQconnectdb(conninfo);
-    int rc = -1;
-    if (PQstatus(conn) != CONNECTION_OK) {
-        log_error("migrate", "cannot connect err=%s", PQerrorMessage(conn));
-        goto done;
-    }
-    int n = migrate_apply(conn, S_SCHEMA, dir);
-    if (n >= 0) {
-        log_info("migrate", "schema up to date schema=%s applied=%d", S_SCHEMA, n);
-        rc = 0;
-    }
-done:
-    PQfinish(conn);
+    char *conninfo = config_pg();
+    int rc = migrate_service(conninfo, S_SCHEMA, config_get("LINLI_TIMEBANK_MIGRATIONS", "services/timebank/migrations"));
     free(conninfo);
     return rc;
 }
@@ -656,7 +635,7 @@ timebank_t *timebank_new(struct event_base *base)
     if (strcmp(config_get("LINLI_MIGRATE", "1"), "0") != 0 && timebank_migrate() != 0)
         goto fail;
 
-    t->conninfo = s_conninfo();
+    t->conninfo = config_pg();
     t->reg_pub = xstrdup(config_get("LINLI_REGISTRY_PUB", "tcp://127.0.0.1:7102"));
     t->reg_cmd = xstrdup(config_get("LINLI_REGISTRY_CMD", "tcp://127.0.0.1:7101"));
     t->zctx = zmq_ctx_new();

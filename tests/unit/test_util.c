@@ -140,6 +140,31 @@ static void test_fnv1a(void **state)
                 util_fnv1a(UTIL_FNV_SEED, "foobar", 6));
 }
 
+/* The growing string: appends of any size, printf past its small buffer,
+ * bytes with NULs in the middle counted by length. */
+static void test_buf(void **state)
+{
+    (void)state;
+    lx_buf_t b = { 0 };
+    buf_str(&b, "江翠");
+    buf_add(&b, "a\0b", 3);
+    assert_int_equal(b.len, strlen("江翠") + 3);
+    assert_memory_equal(b.p + strlen("江翠"), "a\0b", 3);
+    assert_int_equal(b.p[b.len], '\0');
+    char big[3000];
+    memset(big, 'x', sizeof big - 1);
+    big[sizeof big - 1] = '\0';
+    size_t before = b.len;
+    buf_printf(&b, "%s-%d", big, 42);
+    assert_int_equal(b.len, before + strlen(big) + 3);
+    assert_string_equal(b.p + b.len - 3, "-42");
+    for (int i = 0; i < 1000; i++)
+        buf_printf(&b, "%d,", i);
+    assert_int_equal(b.p[b.len], '\0');
+    assert_string_equal(b.p + b.len - 8, "998,999,");
+    free(b.p);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -149,6 +174,7 @@ int main(void)
         cmocka_unit_test(test_uuid_fork),
         cmocka_unit_test(test_uuid_valid),
         cmocka_unit_test(test_strings_and_clocks),
+        cmocka_unit_test(test_buf),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
