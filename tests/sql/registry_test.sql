@@ -48,21 +48,7 @@ $$;
 -- Every row of every registry table, hashed: equal before and after a
 -- command means the command wrote nothing.
 CREATE FUNCTION t.fp() RETURNS text
-LANGUAGE plpgsql AS $$
-DECLARE
-    r    record;
-    h    text;
-    acc  text := '';
-BEGIN
-    FOR r IN SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = 'registry' AND c.relkind IN ('r', 'p') ORDER BY c.relname LOOP
-        EXECUTE format('SELECT count(*) || ''/'' || md5(coalesce(string_agg(x::text, E''\n'' ORDER BY x::text), '''')) FROM registry.%I x',
-                       r.relname) INTO h;
-        acc := acc || r.relname || '=' || h || ' ';
-    END LOOP;
-    RETURN acc;
-END
-$$;
+LANGUAGE sql AS $$ SELECT t.fp_of('registry') $$;
 
 -- Runs a command that must succeed; returns its result.
 CREATE FUNCTION t.okr(p_cmd text, p_args jsonb, p_now bigint, p_label text,

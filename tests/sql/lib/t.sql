@@ -48,3 +48,22 @@ BEGIN
     RETURN v;
 END
 $$;
+
+-- Every row of every table of a schema, hashed: equal before and after a
+-- command means the command wrote nothing.
+CREATE FUNCTION t.fp_of(p_schema text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    r    record;
+    h    text;
+    acc  text := '';
+BEGIN
+    FOR r IN SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = p_schema AND c.relkind IN ('r', 'p') ORDER BY c.relname LOOP
+        EXECUTE format('SELECT count(*) || ''/'' || md5(coalesce(string_agg(x::text, E''\n'' ORDER BY x::text), '''')) FROM %I.%I x',
+                       p_schema, r.relname) INTO h;
+        acc := acc || r.relname || '=' || h || ' ';
+    END LOOP;
+    RETURN acc;
+END
+$$;
