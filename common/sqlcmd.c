@@ -25,6 +25,12 @@ typedef struct s_item {
     struct s_item *next;
 } s_item_t;
 
+/* A set of conflict hashes: open addressing, 0 marks a free slot. */
+typedef struct {
+    uint64_t *slot;
+    size_t cap;               /* a power of two */
+} s_set_t;
+
 /* A batch in the database, on its own connection. */
 typedef struct {
     sqlcmd_t *q;
@@ -33,8 +39,7 @@ typedef struct {
     int n;
     s_item_t **slots;         /* the batch by position, batch_max entries */
     bool exclusive;           /* JSON commands or a retry: runs alone */
-    uint64_t *set;            /* the conflict hashes of its items, open addressing, 0 free */
-    size_t set_cap;           /* a power of two */
+    s_set_t set;              /* the conflict hashes of its items */
 } s_flight_t;
 
 struct sqlcmd {
@@ -49,6 +54,8 @@ struct sqlcmd {
     int ncols;                /* lane arrays, 4 + the lane's columns; 0: no lane */
     char *col[4 + SQLCMD_LANE_MAX];   /* the batch's lane arrays, reused */
     size_t col_len[4 + SQLCMD_LANE_MAX], col_cap[4 + SQLCMD_LANE_MAX];
+    s_set_t skipped;          /* while a lane batch is formed: what the commands it passed
+                               * over name, so that none behind them overtakes them */
     bool closing;             /* sqlcmd_close called */
     unsigned long long batches, commands, retried, failed, overlapped;
 };
@@ -278,39 +285,92 @@ static uint64_t s_conflict_hash(char tag, const char *s)
     return util_fnv1a(util_fnv1a(UTIL_FNV_SEED, &tag, 1), s, strlen(s)) | 1;
 }
 
-/* Remembers the conflict hashes of f's items. */
-static void s_set_build(s_flight_t *f)
+/* Empties set, with room for n items' conflicts. */
+static void s_set_reset(s_set_t *set, int n)
 {
     size_t need = 16;
-    while (need < (size_t)f->n * 2 * (SQLCMD_CONFLICTS_MAX + 1))
+    while (need < (size_t)n * 2 * (SQLCMD_CONFLICTS_MAX + 1))
         need *= 2;
-    if (need > f->set_cap) {
-        free(f->set);
-        f->set = xmalloc(need * sizeof *f->set);
-        f->set_cap = need;
+    if (need > set->cap) {
+        free(set->slot);
+        set->slot = xmalloc(need * sizeof *set->slot);
+        set->cap = need;
     }
-    memset(f->set, 0, f->set_cap * sizeof *f->set);
-    for (int i = 0; i < f->n; i++) {
-        const s_item_t *it = f->slots[i];
-        for (int k = 0; k < it->nconf; k++) {
-            size_t j = it->conf[k] & (f->set_cap - 1);
-            while (f->set[j] && f->set[j] != it->conf[k])
-                j = (j + 1) & (f->set_cap - 1);
-            f->set[j] = it->conf[k];
-        }
+    memset(set->slot, 0, set->cap * sizeof *set->slot);
+}
+
+static void s_set_add(s_set_t *set, const s_item_t *it)
+{
+    for (int k = 0; k < it->nconf; k++) {
+        size_t j = it->conf[k] & (set->cap - 1);
+        while (set->slot[j] && set->slot[j] != it->conf[k])
+            j = (j + 1) & (set->cap - 1);
+        set->slot[j] = it->conf[k];
     }
 }
 
-/* Whether it shares a person, nonce, key ... with the batch of f. */
-static bool s_set_hit(const s_flight_t *f, const s_item_t *it)
+/* Whether it shares a person, nonce, key ... with what set holds. */
+static bool s_set_hit(const s_set_t *set, const s_item_t *it)
 {
     for (int k = 0; k < it->nconf; k++) {
-        size_t j = it->conf[k] & (f->set_cap - 1);
-        for (; f->set[j]; j = (j + 1) & (f->set_cap - 1))
-            if (f->set[j] == it->conf[k])
+        size_t j = it->conf[k] & (set->cap - 1);
+        for (; set->slot[j]; j = (j + 1) & (set->cap - 1))
+            if (set->slot[j] == it->conf[k])
                 return true;
     }
     return false;
+}
+
+/* Remembers the conflict hashes of f's items. */
+static void s_set_build(s_flight_t *f)
+{
+    s_set_reset(&f->set, f->n);
+    for (int i = 0; i < f->n; i++)
+        s_set_add(&f->set, f->slots[i]);
+}
+
+/* Forms a batch of lane commands for f beside the batch of other (NULL
+ * when none): the queue's lane commands in order, passing over any that
+ * shares something with the other batch or with a command passed over
+ * before it (so each person's, account's or key's commands keep their
+ * order), up to max, looking at most at 4 x max commands, and stopping at
+ * a JSON command or a retry, which keep their place. Returns how many it
+ * took; they are unlinked from the queue. */
+static int s_take_lane(sqlcmd_t *q, s_flight_t *f, const s_flight_t *other, int max)
+{
+    s_item_t *prev = NULL, *it = q->head, *last = NULL;
+    int looked = 0, skipped = 0;
+    f->items = NULL;
+    f->n = 0;
+    if (other)
+        s_set_reset(&q->skipped, 4 * max);
+    while (it && f->n < max && looked < 4 * max && it->vals && !it->single) {
+        s_item_t *next = it->next;
+        looked++;
+        if (other && (s_set_hit(&other->set, it) || (skipped && s_set_hit(&q->skipped, it)))) {
+            s_set_add(&q->skipped, it);
+            skipped++;
+            prev = it;
+            it = next;
+            continue;
+        }
+        if (prev)
+            prev->next = next;
+        else
+            q->head = next;
+        if (q->tail == it)
+            q->tail = prev;
+        it->next = NULL;
+        if (last)
+            last->next = it;
+        else
+            f->items = it;
+        last = it;
+        f->slots[f->n++] = it;
+        it = next;
+    }
+    q->queued -= f->n;
+    return f->n;
 }
 
 /* Sends what the queue allows. A batch with a JSON command, or a retry,
@@ -336,25 +396,28 @@ static void s_pump(sqlcmd_t *q)
         bool lane_only = q->head->vals && !q->head->single;
         if (!f || exclusive || (busy && !lane_only))
             return;
-        const s_flight_t *other = busy ? &q->fl[f == &q->fl[0]] : NULL;
-        if (other && s_set_hit(other, q->head))
-            return;   /* after the other batch */
-        int max = q->head->single ? 1 : q->opts.batch_max;
-        s_item_t *last = NULL;
-        f->items = q->head;
-        f->n = 0;
-        f->exclusive = !lane_only;
-        while (q->head && f->n < max && (f->n == 0 || !q->head->single) &&
-               (!lane_only || (q->head->vals && (!other || !s_set_hit(other, q->head))))) {
-            s_item_t *it = q->head;
-            q->head = it->next;
-            f->slots[f->n++] = it;
-            last = it;
+        if (lane_only) {
+            const s_flight_t *other = busy ? &q->fl[f == &q->fl[0]] : NULL;
+            if (!s_take_lane(q, f, other, q->opts.batch_max))
+                return;   /* everything sendable waits for the other batch */
+            f->exclusive = false;
+        } else {
+            int max = q->head->single ? 1 : q->opts.batch_max;
+            s_item_t *last = NULL;
+            f->items = q->head;
+            f->n = 0;
+            f->exclusive = true;
+            while (q->head && f->n < max && (f->n == 0 || !q->head->single)) {
+                s_item_t *it = q->head;
+                q->head = it->next;
+                f->slots[f->n++] = it;
+                last = it;
+            }
+            if (!q->head)
+                q->tail = NULL;
+            last->next = NULL;
+            q->queued -= f->n;
         }
-        if (!q->head)
-            q->tail = NULL;
-        last->next = NULL;
-        q->queued -= f->n;
         if (q->fl[1].db)
             s_set_build(f);
         if (busy)
@@ -447,8 +510,9 @@ void sqlcmd_destroy(sqlcmd_t **q_p)
     free(q->sql);
     for (int k = 0; k < 2; k++) {
         free(q->fl[k].slots);
-        free(q->fl[k].set);
+        free(q->fl[k].set.slot);
     }
+    free(q->skipped.slot);
     free(q->buf);
     for (int c = 0; c < 4 + SQLCMD_LANE_MAX; c++)
         free(q->col[c]);

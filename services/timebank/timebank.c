@@ -45,7 +45,7 @@ struct timebank {
     sub_t *sub;                  /* registry events; NULL while resynchronising or stopped */
     metrics_t *metrics;
     lx_http_t *http;             /* /healthz /readyz /metrics; NULL when off */
-    metric_t *m_commands, *m_batches, *m_retried, *m_failed, *m_published, *m_pending,
+    metric_t *m_commands, *m_batches, *m_overlapped, *m_retried, *m_failed, *m_published, *m_pending,
         *m_rejected, *m_applied, *m_refused, *m_inflight, *m_resyncs, *m_gaps, *m_replays;
     char *secret;                /* certificate key, owned */
     size_t secret_len;
@@ -559,6 +559,7 @@ static void s_on_tick(evutil_socket_t fd, short what, void *arg)
     cmdsrv_stats(t->srv, &rcv, &rej, &rep);
     metric_set_total(t->m_commands, commands);
     metric_set_total(t->m_batches, batches);
+    metric_set_total(t->m_overlapped, sqlcmd_overlapped(t->cmds));
     metric_set_total(t->m_retried, retried);
     metric_set_total(t->m_failed, failed);
     metric_set_total(t->m_rejected, rej);
@@ -673,6 +674,7 @@ timebank_t *timebank_new(struct event_base *base)
     t->metrics = metrics_new("linli_timebank");
     t->m_commands = metrics_add(t->metrics, "commands_total", "counter", "Commands answered after commit", NULL);
     t->m_batches = metrics_add(t->metrics, "batches_total", "counter", "Transactions committed", NULL);
+    t->m_overlapped = metrics_add(t->metrics, "batches_overlapped_total", "counter", "Batches of movements sent while another was in the database", NULL);
     t->m_retried = metrics_add(t->metrics, "commands_retried_total", "counter", "Commands rerun alone after their batch failed", NULL);
     t->m_failed = metrics_add(t->metrics, "commands_failed_total", "counter", "Commands answered with an internal error", NULL);
     t->m_rejected = metrics_add(t->metrics, "frames_rejected_total", "counter", "Frames refused before reaching a handler", NULL);
