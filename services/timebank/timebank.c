@@ -60,6 +60,9 @@ struct timebank {
     bool run_flush;              /* flush_ev is active */
     struct event *flush_ev;      /* sends the run at the end of this turn of the loop */
     int *runs;                   /* events per run in flight, oldest first (a ring) */
+    uint64_t *vol;               /* a bit per person id: one whose check-ins are service (a
+                                  * volunteer or organiser); a superset of the database's */
+    size_t vol_words;
     int runs_head, runs_len;
     bool resync;                 /* the subscriber is to restart from the database's position */
     int resync_wait_ms;          /* back-off after a failed restart; 0: none */
@@ -271,6 +274,71 @@ static void s_on_committed(void *arg)
 static void s_resync_schedule(timebank_t *t, const char *why);
 static void s_sub_drop(timebank_t *t);
 
+/* ---- volunteers ----
+ *
+ * Only a volunteer's check-in can become hours, and at a festival most
+ * check-ins are residents'. Registry ids are dense, so a bit per id tells
+ * at once whether a check-in is worth sending to the database: a million
+ * people cost 128 KB. The bits are loaded with the position and set by
+ * person_registered events as they arrive; a bit set for a person whose
+ * event was later replayed is harmless (SQL checks again), and none is
+ * ever missing. */
+
+#define S_VOL_ID_MAX (1LL << 34)   /* past this, no bitmap: every check-in goes to SQL */
+
+static void s_vol_set(timebank_t *t, int64_t id)
+{
+    if (id <= 0 || id >= S_VOL_ID_MAX)
+        return;
+    size_t w = (size_t)id / 64;
+    if (w >= t->vol_words) {
+        size_t n = t->vol_words ? t->vol_words : 1024;
+        while (n <= w)
+            n *= 2;
+        t->vol = xrealloc(t->vol, n * sizeof *t->vol);
+        memset(t->vol + t->vol_words, 0, (n - t->vol_words) * sizeof *t->vol);
+        t->vol_words = n;
+    }
+    t->vol[w] |= 1ull << ((uint64_t)id % 64);
+}
+
+/* Whether id's check-ins may be service. */
+static bool s_vol_has(const timebank_t *t, int64_t id)
+{
+    if (id >= S_VOL_ID_MAX)
+        return true;
+    size_t w = (size_t)id / 64;
+    return id > 0 && w < t->vol_words && (t->vol[w] >> ((uint64_t)id % 64) & 1);
+}
+
+/* Sets the bits of the volunteers conn's database knows, a row at a time
+ * (a city has millions). Returns 0, or -1 (logged). */
+static int s_vol_load(timebank_t *t, PGconn *conn)
+{
+    if (!PQsendQuery(conn, "SELECT id FROM timebank.people WHERE volunteer") ||
+        !PQsetSingleRowMode(conn)) {
+        log_error("sub", "cannot read the volunteers err=%s", PQerrorMessage(conn));
+        return -1;
+    }
+    int rc = 0;
+    long long n = 0;
+    PGresult *res;
+    while ((res = PQgetResult(conn))) {
+        ExecStatusType st = PQresultStatus(res);
+        if (st == PGRES_SINGLE_TUPLE) {
+            s_vol_set(t, strtoll(PQgetvalue(res, 0, 0), NULL, 10));
+            n++;
+        } else if (st != PGRES_TUPLES_OK) {
+            log_error("sub", "cannot read the volunteers err=%s", PQresultErrorMessage(res));
+            rc = -1;
+        }
+        PQclear(res);
+    }
+    if (rc == 0)
+        log_info("sub", "volunteers known=%lld", n);
+    return rc;
+}
+
 /* The kinds of registry event the timebank follows; the others only move
  * its position, so only their numbers go to the database. */
 static const char *const s_followed[] = { "community_created", "person_registered",
@@ -351,7 +419,19 @@ static void s_on_event(const Linli__Envelope *ev, void *arg)
     /* The payload is the member message: {"id": 7, "community_id": 3, ...}.
      * An event of a kind newer than our proto has none: it only counts. */
     const char *type = ev->event ? envelope_event_name(ev->event) : NULL;
-    if (type && s_is_followed(type)) {
+    const Linli__Event *e = ev->event;
+    bool wanted = type && s_is_followed(type);
+    if (e && e->event_case == LINLI__EVENT__EVENT_PERSON_REGISTERED) {
+        for (size_t i = 0; i < e->person_registered->n_roles; i++)
+            if (e->person_registered->roles[i] == LINLI__ROLE__ROLE_VOLUNTEER ||
+                e->person_registered->roles[i] == LINLI__ROLE__ROLE_ORGANISER)
+                s_vol_set(t, e->person_registered->id);
+    } else if (e && e->event_case == LINLI__EVENT__EVENT_CHECKED_IN) {
+        wanted = e->checked_in->activity_id > 0 && s_vol_has(t, e->checked_in->person_id);
+    } else if (e && e->event_case == LINLI__EVENT__EVENT_CHECKED_OUT) {
+        wanted = s_vol_has(t, e->checked_out->person_id);
+    }
+    if (wanted) {
         const ProtobufCFieldDescriptor *f = pbjson_field(&linli__event__descriptor, type);
         const ProtobufCMessage *m =
             f ? *(const ProtobufCMessage *const *)((const char *)ev->event + f->offset) : NULL;
@@ -408,7 +488,8 @@ static void s_on_internal(const char *name, const char *code, void *arg)
         event_active(t->resync_ev, EV_TIMEOUT, 1);
 }
 
-/* Reads the position of the last applied registry event (0/0 when none).
+/* Reads the position of the last applied registry event (0/0 when none),
+ * then the volunteers the database knows (s_vol_load).
  * Blocking, on a connection of its own: start-up and resyncs only. */
 static int s_position_read(timebank_t *t, uint64_t *epoch, uint64_t *seq)
 {
@@ -440,6 +521,9 @@ static int s_position_read(timebank_t *t, uint64_t *epoch, uint64_t *seq)
                   PQgetvalue(res, 0, 1));
         goto done;
     }
+    /* after the position: what was applied since only adds volunteers */
+    if (s_vol_load(t, conn) != 0)
+        goto done;
     rc = 0;
 done:
     PQclear(res);
@@ -727,6 +811,7 @@ void timebank_destroy(timebank_t **t_p)
         event_free(t->flush_ev);
     json_decref(t->run);
     free(t->runs);
+    free(t->vol);
     if (t->drain)
         event_free(t->drain);
     http_destroy(&t->http);

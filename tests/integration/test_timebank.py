@@ -155,16 +155,28 @@ def test_checkin_proposes_hours(s):
     aid = int(act["create_activity"]["id"])
     tok = ok(reg.call("issue_token", {"activity_id": aid}))["issue_token"]["token"]
     v = vols[0][2]
-    ok(reg.call("scan", {"token": tok, "person_id": v, "device_id": "door-1", "counter": 1,
-                         "scanned_at": start + 60000}))
-    ok(reg.call("scan", {"token": tok, "person_id": v, "device_id": "door-1", "counter": 2,
-                         "scanned_at": start + 100 * 60000, "direction": "DIRECTION_EXIT"}))
+    resident = person(reg, cids[0], "街坊", ["ROLE_RESIDENT"], 800)
+    # a restart: the volunteers it knows come from the database
+    s.stop("timebank")
+    s.start("timebank")
+    tb = s.client("timebank")
+    n = 0
+    for who in (resident, v):
+        n += 1
+        ok(reg.call("scan", {"token": tok, "person_id": who, "device_id": "door-1", "counter": n,
+                             "scanned_at": start + 60000}))
+        n += 1
+        ok(reg.call("scan", {"token": tok, "person_id": who, "device_id": "door-1", "counter": n,
+                             "scanned_at": start + 100 * 60000, "direction": "DIRECTION_EXIT"}))
 
     def proposed():
         r = ok(tb.call("list_records", {"person_id": v}))
         return r["list_records"].get("records")
     recs = wait_for(proposed, what="a proposed record")
     assert len(recs) == 1, recs
+    # the resident attended: no record, no stay
+    assert s.sql("SELECT count(*) FROM timebank.records WHERE person_id = %d" % resident) == "0"
+    assert s.sql("SELECT count(*) FROM timebank.open_stays") == "0"
     rec = recs[0]
     assert rec["source"] == "checkin" and rec["state"] == "pending", rec
     assert int(rec["minutes"]) == 60 and rec.get("needs_review"), rec  # capped at 1 hour
