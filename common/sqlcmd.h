@@ -57,7 +57,7 @@ typedef void(sqlcmd_commit_fn)(void *arg);
 typedef void(sqlcmd_internal_fn)(const char *name, const char *code, void *arg);
 
 #define SQLCMD_LANE_MAX 12       /* columns of a lane after the four every lane has */
-#define SQLCMD_CONFLICTS_MAX 3   /* what a lane command names that others must not share */
+#define SQLCMD_CONFLICTS_MAX 5   /* what a lane command names that others must not share */
 
 typedef struct {
     const char *name;            /* the command the lane carries, "scan" */

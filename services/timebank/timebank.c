@@ -63,6 +63,8 @@ struct timebank {
     uint64_t *vol;               /* a bit per person id: one whose check-ins are service (a
                                   * volunteer or organiser); a superset of the database's */
     size_t vol_words;
+    uint32_t *comm;              /* per person id: their community (0: not known here) */
+    size_t comm_len;
     int runs_head, runs_len;
     bool resync;                 /* the subscriber is to restart from the database's position */
     int resync_wait_ms;          /* back-off after a failed restart; 0: none */
@@ -98,6 +100,8 @@ static const sqlcmd_lane_t s_move_lane = {
     .ncols = 7,
     .types = { "text", "bigint", "bigint", "bigint", "bigint", "text", "text" },
 };
+
+static int64_t s_comm_of(const timebank_t *t, int64_t id);
 
 /* Gifts and spends whose arguments timebank.exec would take go in the
  * lane; the rest as JSON, which answers what is wrong with them. Returns 0
@@ -141,20 +145,32 @@ static int s_move_lane_submit(timebank_t *t, cmdsrv_req_t **req, const Linli__Co
     snprintf(num[3], sizeof num[3], "%" PRIu32, minutes);
     const char *cols[7] = { name, num[0], num[1], num[2], num[3], service, memo };
     /* Two batches that share an account wait for each other's row locks
-     * (taken in id order: they cannot deadlock); naming the accounts here
-     * keeps them from running at once at all. A pool named by its
-     * community's id and the same pool reached as the payer's own are two
-     * names: such batches merely wait. */
-    char payer[32], payee[32];
-    snprintf(payer, sizeof payer, "p%" PRId64, from);
+     * (taken in id order: they cannot deadlock); naming every account a
+     * movement touches keeps such batches apart, so that the two the
+     * executor runs at once really run at once. The pools and clearing
+     * accounts are the hot rows: a community's pool takes every spend to
+     * it, its clearing account every movement across its border. A
+     * community not known here (a person the registry has just
+     * registered) is named "?": batches that touch it may merely wait. */
+    int64_t cf = s_comm_of(t, from);
+    int64_t ct = to > 0 ? s_comm_of(t, to) : pool > 0 ? pool : cf;
+    char names[5][32];
+    int n = 0;
+    snprintf(names[n++], sizeof names[0], "p%" PRId64, from);
     if (to > 0)
-        snprintf(payee, sizeof payee, "p%" PRId64, to);
-    else if (pool > 0)
-        snprintf(payee, sizeof payee, "c%" PRId64, pool);
+        snprintf(names[n++], sizeof names[0], "p%" PRId64, to);
+    else if (ct > 0)
+        snprintf(names[n++], sizeof names[0], "pool%" PRId64, ct);
     else
-        snprintf(payee, sizeof payee, "o%" PRId64, from);
-    const char *conflicts[2] = { payer, payee };
-    return sqlcmd_submit_lane(t->cmds, req, name, cols, conflicts, 2);
+        snprintf(names[n++], sizeof names[0], "pool?");
+    if (!cf || !ct) {
+        snprintf(names[n++], sizeof names[0], "clearing?");
+    } else if (cf != ct) {
+        snprintf(names[n++], sizeof names[0], "clearing%" PRId64, cf);
+        snprintf(names[n++], sizeof names[0], "clearing%" PRId64, ct);
+    }
+    const char *conflicts[5] = { names[0], names[1], names[2], names[3], names[4] };
+    return sqlcmd_submit_lane(t->cmds, req, name, cols, conflicts, n);
 }
 
 /* Queries change nothing: get_..., list_..., verify_... */
@@ -311,11 +327,33 @@ static bool s_vol_has(const timebank_t *t, int64_t id)
     return id > 0 && w < t->vol_words && (t->vol[w] >> ((uint64_t)id % 64) & 1);
 }
 
+/* A person's community, for naming the accounts a movement touches (see
+ * s_move_lane_submit): ids are dense, 4 bytes a person. */
+static void s_comm_set(timebank_t *t, int64_t id, int64_t community)
+{
+    if (id <= 0 || id >= S_VOL_ID_MAX || community <= 0 || community > UINT32_MAX)
+        return;
+    if ((size_t)id >= t->comm_len) {
+        size_t n = t->comm_len ? t->comm_len : 4096;
+        while (n <= (size_t)id)
+            n *= 2;
+        t->comm = xrealloc(t->comm, n * sizeof *t->comm);
+        memset(t->comm + t->comm_len, 0, (n - t->comm_len) * sizeof *t->comm);
+        t->comm_len = n;
+    }
+    t->comm[id] = (uint32_t)community;
+}
+
+static int64_t s_comm_of(const timebank_t *t, int64_t id)
+{
+    return id > 0 && (size_t)id < t->comm_len ? t->comm[id] : 0;
+}
+
 /* Sets the bits of the volunteers conn's database knows, a row at a time
  * (a city has millions). Returns 0, or -1 (logged). */
 static int s_vol_load(timebank_t *t, PGconn *conn)
 {
-    if (!PQsendQuery(conn, "SELECT id FROM timebank.people WHERE volunteer") ||
+    if (!PQsendQuery(conn, "SELECT id, community_id, volunteer FROM timebank.people") ||
         !PQsetSingleRowMode(conn)) {
         log_error("sub", "cannot read the volunteers err=%s", PQerrorMessage(conn));
         return -1;
@@ -326,8 +364,12 @@ static int s_vol_load(timebank_t *t, PGconn *conn)
     while ((res = PQgetResult(conn))) {
         ExecStatusType st = PQresultStatus(res);
         if (st == PGRES_SINGLE_TUPLE) {
-            s_vol_set(t, strtoll(PQgetvalue(res, 0, 0), NULL, 10));
-            n++;
+            int64_t id = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+            s_comm_set(t, id, strtoll(PQgetvalue(res, 0, 1), NULL, 10));
+            if (PQgetvalue(res, 0, 2)[0] == 't') {
+                s_vol_set(t, id);
+                n++;
+            }
         } else if (st != PGRES_TUPLES_OK) {
             log_error("sub", "cannot read the volunteers err=%s", PQresultErrorMessage(res));
             rc = -1;
@@ -422,6 +464,7 @@ static void s_on_event(const Linli__Envelope *ev, void *arg)
     const Linli__Event *e = ev->event;
     bool wanted = type && s_is_followed(type);
     if (e && e->event_case == LINLI__EVENT__EVENT_PERSON_REGISTERED) {
+        s_comm_set(t, e->person_registered->id, e->person_registered->community_id);
         for (size_t i = 0; i < e->person_registered->n_roles; i++)
             if (e->person_registered->roles[i] == LINLI__ROLE__ROLE_VOLUNTEER ||
                 e->person_registered->roles[i] == LINLI__ROLE__ROLE_ORGANISER)
@@ -812,6 +855,7 @@ void timebank_destroy(timebank_t **t_p)
     json_decref(t->run);
     free(t->runs);
     free(t->vol);
+    free(t->comm);
     if (t->drain)
         event_free(t->drain);
     http_destroy(&t->http);
