@@ -157,19 +157,20 @@ CREATE UNIQUE INDEX transfers_key ON timebank.transfers (command_key)
 CREATE UNIQUE INDEX transfers_record_key ON timebank.transfers (record_id)
     WHERE kind = 'credit';
 
+-- Keyed by account, then ledger order: the one index a statement reads (an
+-- account's entries in order) and the only one each entry costs to write.
+-- Nothing looks entries up by movement on the write path (a reversal's legs
+-- follow from the movement's two accounts).
 CREATE TABLE timebank.entries (
-    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id           bigint GENERATED ALWAYS AS IDENTITY,
     transfer_id  bigint NOT NULL,
     account_id   bigint NOT NULL,
     amount       bigint NOT NULL,
     balance      bigint NOT NULL,    -- the account's balance just after this entry
     at           bigint NOT NULL,
+    PRIMARY KEY (account_id, id),
     CONSTRAINT entries_amount CHECK (amount <> 0)
 );
--- Statements read an account's entries in order. Nothing looks entries up
--- by movement on the write path (a reversal's legs follow from the
--- movement's two accounts), so there is no index on transfer_id to keep.
-CREATE INDEX entries_account_idx ON timebank.entries (account_id, id);
 
 -- ------------------------------------------------------------ hour records
 
