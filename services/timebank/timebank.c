@@ -308,9 +308,10 @@ static void s_vol_set(timebank_t *t, int64_t id)
         return;
     size_t w = (size_t)id / 64;
     if (w >= t->vol_words) {
-        size_t n = t->vol_words ? t->vol_words : 1024;
-        while (n <= w)
-            n *= 2;
+        /* by half again, not double: the table is as large as the city */
+        size_t n = t->vol_words + t->vol_words / 2 + 1024;
+        if (n <= w)
+            n = w + 1024;
         t->vol = xrealloc(t->vol, n * sizeof *t->vol);
         memset(t->vol + t->vol_words, 0, (n - t->vol_words) * sizeof *t->vol);
         t->vol_words = n;
@@ -334,9 +335,9 @@ static void s_comm_set(timebank_t *t, int64_t id, int64_t community)
     if (id <= 0 || id >= S_VOL_ID_MAX || community <= 0 || community > UINT32_MAX)
         return;
     if ((size_t)id >= t->comm_len) {
-        size_t n = t->comm_len ? t->comm_len : 4096;
-        while (n <= (size_t)id)
-            n *= 2;
+        size_t n = t->comm_len + t->comm_len / 2 + 4096;
+        if (n <= (size_t)id)
+            n = (size_t)id + 4096;
         t->comm = xrealloc(t->comm, n * sizeof *t->comm);
         memset(t->comm + t->comm_len, 0, (n - t->comm_len) * sizeof *t->comm);
         t->comm_len = n;
