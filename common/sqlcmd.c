@@ -56,6 +56,8 @@ struct sqlcmd {
     size_t col_len[4 + SQLCMD_LANE_MAX], col_cap[4 + SQLCMD_LANE_MAX];
     s_set_t skipped;          /* while a lane batch is formed: what the commands it passed
                                * over name, so that none behind them overtakes them */
+    bool lane_blocked;        /* the last look found nothing to send beside the batch in
+                               * flight: look again only once a batch is done */
     bool closing;             /* sqlcmd_close called */
     unsigned long long batches, commands, retried, failed, overlapped;
 };
@@ -162,6 +164,7 @@ static void s_on_done(int status, const char *errmsg, void *arg)
 {
     s_flight_t *f = arg;
     sqlcmd_t *q = f->q;
+    q->lane_blocked = false;
     s_item_t *batch = f->items;
     int n = f->n;
     f->items = NULL;
@@ -398,8 +401,14 @@ static void s_pump(sqlcmd_t *q)
             return;
         if (lane_only) {
             const s_flight_t *other = busy ? &q->fl[f == &q->fl[0]] : NULL;
-            if (!s_take_lane(q, f, other, q->opts.batch_max))
-                return;   /* everything sendable waits for the other batch */
+            if (other && q->lane_blocked)
+                return;
+            if (!s_take_lane(q, f, other, q->opts.batch_max)) {
+                /* everything sendable waits for the other batch: so does the
+                 * next look, rather than scan the same queue per submit */
+                q->lane_blocked = true;
+                return;
+            }
             f->exclusive = false;
         } else {
             int max = q->head->single ? 1 : q->opts.batch_max;
@@ -524,7 +533,10 @@ void sqlcmd_destroy(sqlcmd_t **q_p)
  * internal command named name, telling opts->internal) and returns true. */
 static bool s_full(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name)
 {
-    if (q->queued < q->opts.queue_max)
+    /* Internal commands are the service's own (a sweep, events it
+     * applies), each kind bounded by its producer: refusing one would only
+     * lose work that clients' commands crowded out. */
+    if (q->queued < q->opts.queue_max || !*req_p)
         return false;
     if (*req_p) {
         cmdsrv_reply_error(q->srv, req_p, "overloaded", "too many commands queued; retry later");

@@ -68,7 +68,8 @@ typedef struct {
 typedef struct {
     const char *schema;          /* "registry" */
     int batch_max;               /* commands per transaction, >= 1 */
-    int queue_max;               /* queued beyond this: "overloaded" replies */
+    int queue_max;               /* queued beyond this: "overloaded" replies (internal
+                                  * commands are never refused: their producer bounds them) */
     sqlcmd_finish_fn *finish;    /* may be NULL */
     sqlcmd_commit_fn *committed; /* may be NULL */
     sqlcmd_internal_fn *internal; /* may be NULL */
@@ -92,7 +93,8 @@ void sqlcmd_destroy(sqlcmd_t **q_p);
  * of *req_p and of args (a JSON object; its reference is stolen), NULLing
  * both. A NULL *req_p is an internal command (such as a periodic sweep): it
  * runs without an idempotency key and its reply is dropped, after its code
- * has gone to opts->internal (a failure is also logged). A result that
+ * has gone to opts->internal (a failure is also logged). It is never refused
+ * as "overloaded": its producer must bound how many it queues. A result that
  * linli.Reply has no field for (name is no command) is dropped too, rather
  * than turned into an "internal" error. */
 void sqlcmd_submit(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name, json_t **args_p);

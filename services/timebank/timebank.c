@@ -65,6 +65,7 @@ struct timebank {
     size_t vol_words;
     uint32_t *comm;              /* per person id: their community (0: not known here) */
     size_t comm_len;
+    bool people_loaded;          /* vol and comm were read from the database */
     int runs_head, runs_len;
     bool resync;                 /* the subscriber is to restart from the database's position */
     int resync_wait_ms;          /* back-off after a failed restart; 0: none */
@@ -300,7 +301,10 @@ static void s_sub_drop(timebank_t *t);
  * event was later replayed is harmless (SQL checks again), and none is
  * ever missing. */
 
-#define S_VOL_ID_MAX (1LL << 34)   /* past this, no bitmap: every check-in goes to SQL */
+/* Past this id the tables stop (ids are dense: a city has tens of millions
+ * at most): such a person's check-ins all go to SQL, and their movements
+ * name their community as not known. */
+#define S_VOL_ID_MAX (1LL << 26)
 
 static void s_vol_set(timebank_t *t, int64_t id)
 {
@@ -447,8 +451,11 @@ static void s_on_event(const Linli__Envelope *ev, void *arg)
         s_resync_schedule(t, "too many events in flight");
         return;
     }
-    if (t->run && ev->epoch != t->run_epoch)
+    if (t->run && ev->epoch != t->run_epoch) {
         s_run_flush(t);
+        if (t->resync)
+            return;
+    }
     if (!t->run) {
         t->run_events = json_array();
         t->run = json_pack("{s:s, s:I, s:I, s:O}", "stream", S_STREAM, "epoch",
@@ -535,7 +542,7 @@ static void s_on_internal(const char *name, const char *code, void *arg)
 /* Reads the position of the last applied registry event (0/0 when none),
  * then the volunteers the database knows (s_vol_load).
  * Blocking, on a connection of its own: start-up and resyncs only. */
-static int s_position_read(timebank_t *t, uint64_t *epoch, uint64_t *seq)
+static int s_position_read(timebank_t *t, uint64_t *epoch, uint64_t *seq, bool people)
 {
     /* dbname (the conninfo) comes last so that it may override the timeout */
     const char *const keys[] = { "connect_timeout", "dbname", NULL };
@@ -565,8 +572,10 @@ static int s_position_read(timebank_t *t, uint64_t *epoch, uint64_t *seq)
                   PQgetvalue(res, 0, 1));
         goto done;
     }
-    /* after the position: what was applied since only adds volunteers */
-    if (s_vol_load(t, conn) != 0)
+    /* After the position: what was applied since only adds volunteers. At
+     * start only: the tables only ever gain, and a resync replays what
+     * would add to them. */
+    if (people && s_vol_load(t, conn) != 0)
         goto done;
     rc = 0;
 done:
@@ -579,8 +588,9 @@ done:
 static int s_sub_start(timebank_t *t)
 {
     uint64_t epoch = 0, seq = 0;
-    if (s_position_read(t, &epoch, &seq) != 0)
+    if (s_position_read(t, &epoch, &seq, !t->people_loaded) != 0)
         return -1;
+    t->people_loaded = true;
     sub_opts_t so = {
         .pub_endpoint = t->reg_pub,
         .cmd_endpoint = t->reg_cmd,
