@@ -57,7 +57,9 @@ struct sqlcmd {
     s_set_t skipped;          /* while a lane batch is formed: what the commands it passed
                                * over name, so that none behind them overtakes them */
     bool lane_blocked;        /* the last look found nothing to send beside the batch in
-                               * flight: look again only once a batch is done */
+                               * flight: the next goes on from where it stopped */
+    s_item_t *scan_last;      /* while blocked: the last command that look passed over */
+    int scan_looked;          /* while blocked: how many it looked at */
     bool closing;             /* sqlcmd_close called */
     unsigned long long batches, commands, retried, failed, overlapped;
 };
@@ -338,15 +340,23 @@ static void s_set_build(s_flight_t *f)
  * before it (so each person's, account's or key's commands keep their
  * order), up to max, looking at most at 4 x max commands, and stopping at
  * a JSON command or a retry, which keep their place. Returns how many it
- * took; they are unlinked from the queue. */
+ * took; they are unlinked from the queue. When it takes none beside a
+ * batch, it remembers where it stopped: commands only join the queue at
+ * its end until a batch finishes, so the next look goes on from there
+ * rather than scan the same commands again on every submit. */
 static int s_take_lane(sqlcmd_t *q, s_flight_t *f, const s_flight_t *other, int max)
 {
     s_item_t *prev = NULL, *it = q->head, *last = NULL;
     int looked = 0, skipped = 0;
     f->items = NULL;
     f->n = 0;
-    if (other)
+    if (other && q->lane_blocked) {
+        prev = q->scan_last;
+        it = prev ? prev->next : q->head;
+        looked = skipped = q->scan_looked;
+    } else if (other) {
         s_set_reset(&q->skipped, 4 * max);
+    }
     while (it && f->n < max && looked < 4 * max && it->vals && !it->single) {
         s_item_t *next = it->next;
         looked++;
@@ -373,16 +383,13 @@ static int s_take_lane(sqlcmd_t *q, s_flight_t *f, const s_flight_t *other, int 
         it = next;
     }
     q->queued -= f->n;
+    /* nothing taken: every command looked at was passed over */
+    q->lane_blocked = other && f->n == 0;
+    q->scan_last = prev;
+    q->scan_looked = looked;
     return f->n;
 }
 
-/* Sends what the queue allows. A batch with a JSON command, or a retry,
- * runs alone: its commands may lock rows, and those of the next batch must
- * see its changes. Lane commands (check-ins) share no row but the ones
- * their unique indexes guard, so with a lane connection two batches of
- * lane commands only run at once, and only when they share no idempotency
- * key and none of what the owner named at submit (a person, a nonce): so
- * neither waits for the other's rows, and they cannot deadlock. */
 static void s_pump(sqlcmd_t *q)
 {
     while (q->head && !q->closing) {
@@ -401,14 +408,8 @@ static void s_pump(sqlcmd_t *q)
             return;
         if (lane_only) {
             const s_flight_t *other = busy ? &q->fl[f == &q->fl[0]] : NULL;
-            if (other && q->lane_blocked)
-                return;
-            if (!s_take_lane(q, f, other, q->opts.batch_max)) {
-                /* everything sendable waits for the other batch: so does the
-                 * next look, rather than scan the same queue per submit */
-                q->lane_blocked = true;
-                return;
-            }
+            if (!s_take_lane(q, f, other, q->opts.batch_max))
+                return;   /* everything sendable waits for the other batch */
             f->exclusive = false;
         } else {
             int max = q->head->single ? 1 : q->opts.batch_max;
