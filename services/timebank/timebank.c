@@ -386,19 +386,6 @@ static int s_vol_load(timebank_t *t, PGconn *conn)
     return rc;
 }
 
-/* The kinds of registry event the timebank follows; the others only move
- * its position, so only their numbers go to the database. */
-static const char *const s_followed[] = { "community_created", "person_registered",
-                                          "activity_created", "checked_in", "checked_out" };
-
-static bool s_is_followed(const char *type)
-{
-    for (size_t i = 0; i < sizeof s_followed / sizeof s_followed[0]; i++)
-        if (!strcmp(type, s_followed[i]))
-            return true;
-    return false;
-}
-
 static void s_run_drop(timebank_t *t)
 {
     json_decref(t->run);
@@ -466,29 +453,44 @@ static void s_on_event(const Linli__Envelope *ev, void *arg)
     }
     json_object_set_new(t->run, "last", json_integer((json_int_t)ev->sequence));
     t->run_n++;
-    /* The payload is the member message: {"id": 7, "community_id": 3, ...}.
-     * An event of a kind newer than our proto has none: it only counts. */
-    const char *type = ev->event ? envelope_event_name(ev->event) : NULL;
+    /* The kinds the timebank follows go with their payload, the member
+     * message ({"id": 7, "community_id": 3, ...}); the others, and kinds
+     * newer than our proto, only count. */
     const Linli__Event *e = ev->event;
-    bool wanted = type && s_is_followed(type);
-    if (e && e->event_case == LINLI__EVENT__EVENT_PERSON_REGISTERED) {
+    bool wanted = false;
+    switch (e ? e->event_case : LINLI__EVENT__EVENT__NOT_SET) {
+    case LINLI__EVENT__EVENT_COMMUNITY_CREATED:
+    case LINLI__EVENT__EVENT_ACTIVITY_CREATED:
+        wanted = true;
+        break;
+    case LINLI__EVENT__EVENT_PERSON_REGISTERED:
         s_comm_set(t, e->person_registered->id, e->person_registered->community_id);
         for (size_t i = 0; i < e->person_registered->n_roles; i++)
             if (e->person_registered->roles[i] == LINLI__ROLE__ROLE_VOLUNTEER ||
                 e->person_registered->roles[i] == LINLI__ROLE__ROLE_ORGANISER)
                 s_vol_set(t, e->person_registered->id);
-    } else if (e && e->event_case == LINLI__EVENT__EVENT_CHECKED_IN) {
+        wanted = true;
+        break;
+    case LINLI__EVENT__EVENT_CHECKED_IN:
         wanted = e->checked_in->activity_id > 0 && s_vol_has(t, e->checked_in->person_id);
-    } else if (e && e->event_case == LINLI__EVENT__EVENT_CHECKED_OUT) {
+        break;
+    case LINLI__EVENT__EVENT_CHECKED_OUT:
         wanted = s_vol_has(t, e->checked_out->person_id);
+        break;
+    default:
+        break;
     }
-    if (wanted) {
-        const ProtobufCFieldDescriptor *f = pbjson_field(&linli__event__descriptor, type);
+    /* the oneof case is the member's field number */
+    const ProtobufCFieldDescriptor *f =
+        wanted ? protobuf_c_message_descriptor_get_field(&linli__event__descriptor,
+                                                         (unsigned)e->event_case)
+               : NULL;
+    if (f) {
         const ProtobufCMessage *m =
-            f ? *(const ProtobufCMessage *const *)((const char *)ev->event + f->offset) : NULL;
+            *(const ProtobufCMessage *const *)((const char *)e + f->offset);
         json_array_append_new(t->run_events,
                               json_pack("{s:I, s:s, s:I, s:o}", "seq", (json_int_t)ev->sequence,
-                                        "type", type, "at", (json_int_t)ev->occurred_at, "p",
+                                        "type", f->name, "at", (json_int_t)ev->occurred_at, "p",
                                         m ? pbjson_from_message(m) : json_object()));
     }
     if (t->run_n >= S_RUN_MAX) {
