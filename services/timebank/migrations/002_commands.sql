@@ -619,10 +619,10 @@ BEGIN
         RETURN timebank.s_err('not_found', 'No such person.');
     END IF;
     -- a member's community is their account's (the lane reads the same)
-    v_fa := timebank.s_person_account(v_from);
-    v_ta := timebank.s_person_account(v_to);
-    SELECT community_id INTO v_fp.community_id FROM timebank.accounts WHERE id = v_fa;
-    SELECT community_id INTO v_tp.community_id FROM timebank.accounts WHERE id = v_ta;
+    SELECT id, community_id INTO v_fa, v_fp.community_id FROM timebank.accounts
+     WHERE person_id = v_from AND kind = 'person';
+    SELECT id, community_id INTO v_ta, v_tp.community_id FROM timebank.accounts
+     WHERE person_id = v_to AND kind = 'person';
     SELECT gift_policy INTO v_policy FROM timebank.rules
      WHERE community_id = v_fp.community_id FOR SHARE;
     IF v_policy = 'none' THEN
@@ -686,9 +686,9 @@ BEGIN
     IF NOT FOUND THEN
         RETURN timebank.s_err('not_found', 'No such person.');
     END IF;
-    v_fa := timebank.s_person_account(v_person);
     -- a member's community is their account's (the lane reads the same)
-    SELECT community_id INTO v_p.community_id FROM timebank.accounts WHERE id = v_fa;
+    SELECT id, community_id INTO v_fa, v_p.community_id FROM timebank.accounts
+     WHERE person_id = v_person AND kind = 'person';
     IF v_prov > 0 THEN
         IF v_comm <> 0 THEN
             RETURN timebank.s_err('invalid_argument',
