@@ -7,6 +7,7 @@
 #include "util.h"
 
 #include <inttypes.h>
+#include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +24,7 @@ struct outbox {
     bus_sock_t *pub;             /* borrowed */
     char *conninfo, *schema, *stream, *source;
     char *replay_sql, *state_sql;
+    EVP_MD *md5;                 /* event ids (s_event_id) */
     bool reading;                /* a read is in the database */
     bool again;                  /* kicked while reading */
     uint64_t epoch, last_seq;    /* the newest event published */
@@ -30,8 +32,37 @@ struct outbox {
     unsigned long long published;
 };
 
+/* An event's id names it for good: the UUID spelling of
+ * MD5("<stream>:<epoch>:<seq>"), as <schema>.outbox_replay defines it
+ * (md5(...)::uuid). Computed here rather than in the database, which every
+ * command waits on. */
+static char *s_event_id(const outbox_t *o, uint64_t epoch, uint64_t seq)
+{
+    char text[160];
+    int n = snprintf(text, sizeof text, "%s:%" PRIu64 ":%" PRIu64, o->stream, epoch, seq);
+    unsigned char d[EVP_MAX_MD_SIZE];
+    unsigned dlen = 0;
+    if (n < 0 || (size_t)n >= sizeof text || !o->md5 ||
+        !EVP_Digest(text, (size_t)n, d, &dlen, o->md5, NULL) || dlen != 16)
+    {
+        log_error("outbox", "cannot derive an event id seq=%" PRIu64, seq);
+        abort();
+    }
+    static const char hex[] = "0123456789abcdef";
+    char *id = xmalloc(37);
+    char *p = id;
+    for (unsigned i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10)
+            *p++ = '-';
+        *p++ = hex[d[i] >> 4];
+        *p++ = hex[d[i] & 15];
+    }
+    *p = '\0';
+    return id;
+}
+
 /* Builds the event envelope for one outbox row (columns as returned by
- * outbox_replay). An event type this build does not know is
+ * <schema>.outbox_read). An event type this build does not know is
  * sent with an empty Event, so subscribers still advance past it. Caller
  * frees with protobuf_c_message_free_unpacked. */
 static Linli__Envelope *s_row_envelope(const outbox_t *o, const PGresult *res, int row)
@@ -40,18 +71,18 @@ static Linli__Envelope *s_row_envelope(const outbox_t *o, const PGresult *res, i
     linli__envelope__init(e);
     e->sequence = strtoull(PQgetvalue(res, row, 0), NULL, 10);
     e->epoch = strtoull(PQgetvalue(res, row, 1), NULL, 10);
-    e->id = xstrdup(PQgetvalue(res, row, 2));
-    const char *type = PQgetvalue(res, row, 3);
+    e->id = s_event_id(o, e->epoch, e->sequence);
+    const char *type = PQgetvalue(res, row, 2);
     e->type = xasprintf("%s.%s", o->stream, type);
-    e->community_id = strtoll(PQgetvalue(res, row, 4), NULL, 10);
-    e->trace_id = xstrdup(PQgetvalue(res, row, 5));
-    e->occurred_at = strtoll(PQgetvalue(res, row, 6), NULL, 10);
+    e->community_id = strtoll(PQgetvalue(res, row, 3), NULL, 10);
+    e->trace_id = xstrdup(PQgetvalue(res, row, 4));
+    e->occurred_at = strtoll(PQgetvalue(res, row, 5), NULL, 10);
     e->stream = xstrdup(o->stream);
     e->source = xstrdup(o->source);
     e->payload_case = LINLI__ENVELOPE__PAYLOAD_EVENT;
 
     json_error_t jerr;
-    json_t *payload = json_loads(PQgetvalue(res, row, 7), 0, &jerr);
+    json_t *payload = json_loads(PQgetvalue(res, row, 6), 0, &jerr);
     json_t *j = json_object();
     if (payload && pbjson_field(&linli__event__descriptor, type))
         json_object_set(j, type, payload);
@@ -391,9 +422,14 @@ outbox_t *outbox_new(struct event_base *base, const char *conninfo, const char *
     o->stream = xstrdup(stream);
     o->source = xstrdup(source);
     /* schema is the service's own constant name, not input. */
-    o->replay_sql = xasprintf("SELECT seq, epoch, event_id, type, community_id, trace_id, "
-                              "occurred_at, payload FROM %s.outbox_replay($1, $2::bigint, $3::int)",
+    o->replay_sql = xasprintf("SELECT seq, epoch, type, community_id, trace_id, occurred_at, "
+                              "payload FROM %s.outbox_read($1, $2::bigint, $3::int)",
                               schema);
+    o->md5 = EVP_MD_fetch(NULL, "MD5", NULL);
+    if (!o->md5) {
+        log_error("outbox", "OpenSSL has no MD5 (event ids)");
+        goto fail;
+    }
     o->state_sql = xasprintf("SELECT epoch, last_seq FROM %s.outbox_state($1)", schema);
     o->db = db_new(base, conninfo);
     if (!o->db || s_listen_open(o) != 0)
@@ -422,6 +458,7 @@ void outbox_destroy(outbox_t **o_p)
     free(o->source);
     free(o->replay_sql);
     free(o->state_sql);
+    EVP_MD_free(o->md5);
     free(o);
     *o_p = NULL;
 }

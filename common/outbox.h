@@ -4,7 +4,7 @@
  * in one transaction, numbering the events as it writes them under the
  * stream row's lock, so numbers are gap-free and transactions commit in
  * number order (see the registry's 001_schema.sql). The relay reads what is
- * past the last number it published (<schema>.outbox_replay) and publishes
+ * past the last number it published (<schema>.outbox_read) and publishes
  * it on the PUB socket as [stream][Envelope]: only committed events, in
  * order. It wakes on LISTEN/NOTIFY, on outbox_kick() from the service after
  * a commit, and on a one-second timer (the fallback when a notification is
@@ -12,7 +12,7 @@
  * subscribers notice a lost tail. At start it takes the newest committed
  * number as published: subscribers replay anything older they lack.
  *
- * Replay answers a Replay command from the table (<schema>.outbox_replay),
+ * Replay answers a Replay command from the table (<schema>.outbox_read),
  * so a subscriber that starts late, restarts or drops messages catches up
  * from its last applied position. <schema>.outbox_state(stream) gives the
  * epoch and newest number. */

@@ -82,6 +82,7 @@ typedef struct s_rec {
     uint64_t seq[S_MAX_EVENTS];
     uint64_t epoch[S_MAX_EVENTS];
     int64_t mark[S_MAX_EVENTS];  /* the marker each event was inserted with */
+    char id[S_MAX_EVENTS][37];   /* each event's id */
     int malformed;               /* events whose fields did not match their row */
     int epochs;                  /* on_epoch calls */
     uint64_t new_epoch;          /* the last on_epoch value */
@@ -343,6 +344,7 @@ static void s_apply(const Linli__Envelope *ev, void *arg)
     r->seq[r->n] = ev->sequence;
     r->epoch[r->n] = ev->epoch;
     r->mark[r->n] = ev->community_id;
+    snprintf(r->id[r->n], sizeof r->id[r->n], "%s", ev->id ? ev->id : "");
     r->n++;
     char name[32], trace[32];
     snprintf(name, sizeof name, "ev%" PRId64, ev->community_id);
@@ -628,6 +630,18 @@ static void test_live_in_order(void **state)
     S_RUN_UNTIL(e, r->n >= 100);
     s_check_range(r, 0, 1, 100, 1, e->epoch);
     s_check_table(100);
+
+    /* The relay derives ids itself; they are the ones registry.outbox_replay
+     * defines, so an id names the same event whoever reads the table. */
+    PGresult *res = PQexec(s_side, "SELECT seq, event_id FROM registry.outbox_replay("
+                                   "'" S_STREAM "', 0, 1000) ORDER BY seq");
+    assert_int_equal(PQresultStatus(res), PGRES_TUPLES_OK);
+    assert_int_equal(PQntuples(res), 100);
+    for (int i = 0; i < 100; i++) {
+        assert_int_equal(strtoull(PQgetvalue(res, i, 0), NULL, 10), r->seq[i]);
+        assert_string_equal(PQgetvalue(res, i, 1), r->id[i]);
+    }
+    PQclear(res);
 
     uint64_t ep, seq;
     outbox_position(e->ob, &ep, &seq);
