@@ -49,6 +49,26 @@ int token_sign(const token_claims_t *claims, const void *key, size_t keylen, cha
 token_verdict_t token_verify(const char *text, size_t len, const void *key, size_t keylen,
                              int64_t now_ms, token_claims_t *claims);
 
+/* Genuine tokens seen lately, for one key. A gate's scanners present the same
+ * activity token with every scan; a token already shown genuine under the
+ * key needs only its expiry checked again, not its MAC. */
+typedef struct token_cache token_cache_t;
+
+/* A cache for key (borrowed: it must outlive the cache). Never NULL. */
+token_cache_t *token_cache_new(const void *key, size_t keylen);
+/* Accepts NULL; NULLs *cache_p. */
+void token_cache_destroy(token_cache_t **cache_p);
+
+/* token_verify with cache's key, with the same verdicts and claims: a text
+ * equal byte for byte to one that verified genuine before (OK or EXPIRED)
+ * gets its claims from the cache, compared in constant time; anything else
+ * is verified in full, and kept when genuine. */
+token_verdict_t token_cache_verify(token_cache_t *cache, const char *text, size_t len,
+                                   int64_t now_ms, token_claims_t *claims);
+/* Verifications answered from the cache, and in full. */
+void token_cache_stats(const token_cache_t *cache, unsigned long long *hits,
+                       unsigned long long *misses);
+
 /* Stable reason code for a verdict: "ok", "malformed", "forged", "expired". */
 const char *token_verdict_name(token_verdict_t v);
 

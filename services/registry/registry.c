@@ -39,8 +39,9 @@ struct registry {
     metrics_t *metrics;
     lx_http_t *http;             /* /healthz /readyz /metrics; NULL when off */
     metric_t *m_commands, *m_batches, *m_overlapped, *m_retried, *m_failed, *m_published, *m_pending,
-        *m_rejected;
+        *m_rejected, *m_token_hits;
     char *secret;                /* token key, owned */
+    token_cache_t *tokens;       /* genuine tokens under secret */
     char *conninfo;              /* owned */
     size_t secret_len;
     struct event *tick;          /* sweep + metrics, every sweep_ms */
@@ -84,7 +85,7 @@ static int s_scan_check(registry_t *r, const Linli__Scan *scan, int64_t now, int
         return -1;
     }
     *c = (token_claims_t){ 0 };
-    *v = token_verify(scan->token, strlen(scan->token), r->secret, r->secret_len, *at, c);
+    *v = token_cache_verify(r->tokens, scan->token, strlen(scan->token), *at, c);
     return 0;
 }
 
@@ -269,6 +270,9 @@ static void s_on_tick(evutil_socket_t fd, short what, void *arg)
     metric_set_total(r->m_rejected, rej);
     metric_set_total(r->m_published, outbox_published(r->outbox));
     metric_set(r->m_pending, (double)sqlcmd_pending(r->cmds));
+    unsigned long long hits, misses;
+    token_cache_stats(r->tokens, &hits, &misses);
+    metric_set_total(r->m_token_hits, hits);
 }
 
 static const char *s_ready(void *arg)
@@ -328,6 +332,7 @@ registry_t *registry_new(struct event_base *base)
         goto fail;
     }
     r->secret_len = strlen(r->secret);
+    r->tokens = token_cache_new(r->secret, r->secret_len);
     if (strcmp(config_get("LINLI_MIGRATE", "1"), "0") != 0 && registry_migrate() != 0)
         goto fail;
 
@@ -370,6 +375,7 @@ registry_t *registry_new(struct event_base *base)
     r->m_rejected = metrics_add(r->metrics, "frames_rejected_total", "counter", "Frames refused before reaching a handler", NULL);
     r->m_published = metrics_add(r->metrics, "events_published_total", "counter", "Events published by the relay", NULL);
     r->m_pending = metrics_add(r->metrics, "commands_pending", "gauge", "Commands queued or in the database", NULL);
+    r->m_token_hits = metrics_add(r->metrics, "token_cache_hits_total", "counter", "Scans whose token was known genuine, so only its expiry was checked", NULL);
     const char *http = config_get("LINLI_REGISTRY_HTTP", NULL);
     if (http) {
         r->http = http_new(base, http, r->metrics, s_ready, r);
@@ -411,6 +417,7 @@ void registry_destroy(registry_t **r_p)
     metrics_destroy(&r->metrics);
     if (r->zctx)
         zmq_ctx_term(r->zctx);
+    token_cache_destroy(&r->tokens);
     if (r->secret) {
         memset(r->secret, 0, r->secret_len);
         free(r->secret);

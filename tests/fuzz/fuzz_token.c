@@ -1,7 +1,10 @@
 /* libFuzzer target for token_verify: arbitrary bytes as an untrusted token.
  * Besides memory safety it checks that a verdict is one of the four, that
- * claims are filled only when the MAC matched, and that anything accepted is
- * exactly what token_sign would write for its claims (one text per claims). */
+ * claims are filled only when the MAC matched, that anything accepted is
+ * exactly what token_sign would write for its claims (one text per claims),
+ * and that a cache of genuine tokens, kept across inputs, answers every
+ * input as token_verify does, twice in a row. tests/fuzz/corpus/fuzz_token
+ * holds tokens genuine under s_key (one expired), to start from. */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -10,6 +13,7 @@
 #include "token.h"
 
 static const char s_key[] = "fuzz-key";
+static token_cache_t *s_cache;
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -43,6 +47,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     default:
         abort();
+    }
+    if (!s_cache)
+        s_cache = token_cache_new(s_key, sizeof s_key - 1);
+    for (int i = 0; i < 2; i++) {
+        token_claims_t k;
+        memset(&k, 0x5a, sizeof k);
+        if (token_cache_verify(s_cache, text, size, 1700000000000LL, &k) != v ||
+            k.kind != c.kind || k.id != c.id || k.community_id != c.community_id ||
+            k.expires_at != c.expires_at)
+            abort();
     }
     free(text);
     return 0;

@@ -169,6 +169,78 @@ static void test_single_byte_changes(void **state)
     }
 }
 
+/* The cache gives token_verify's verdicts and claims: for a genuine token
+ * first seen and then kept, across its expiry, for one altered byte of a
+ * kept token, for forged and malformed texts (never kept), and with more
+ * tokens than it holds, so slots are taken over. */
+static void test_cache_same_verdicts(void **state)
+{
+    (void)state;
+    token_cache_t *cache = token_cache_new(s_key, S_KEYLEN);
+    unsigned long long hits, misses;
+    char tok[TOKEN_MAX_LEN + 1];
+    token_claims_t in = {TOKEN_ACTIVITY, 77, 5, S_NOW + 1000}, out = {0};
+    s_sign_ok(&in, tok);
+    size_t n = strlen(tok);
+    for (int i = 0; i < 3; i++) {
+        memset(&out, 0, sizeof out);
+        assert_int_equal(token_cache_verify(cache, tok, n, S_NOW, &out), TOKEN_OK);
+        assert_int_equal(out.id, 77);
+        assert_int_equal(out.community_id, 5);
+        assert_int_equal(out.expires_at, S_NOW + 1000);
+        assert_int_equal(out.kind, TOKEN_ACTIVITY);
+    }
+    token_cache_stats(cache, &hits, &misses);
+    assert_int_equal(hits, 2);
+    assert_int_equal(misses, 1);
+    /* kept, then past its expiry: EXPIRED with claims, as token_verify */
+    assert_int_equal(token_cache_verify(cache, tok, n, S_NOW + 1000, &out), TOKEN_EXPIRED);
+    assert_int_equal(token_verify(tok, n, s_key, S_KEYLEN, S_NOW + 1000, NULL), TOKEN_EXPIRED);
+    assert_int_equal(out.id, 77);
+    assert_int_equal(token_cache_verify(cache, tok, n, S_NOW + 999, NULL), TOKEN_OK);
+    /* one byte changed, or one byte fewer: verified in full, never a hit */
+    for (size_t i = 0; i < n; i++) {
+        char orig = tok[i];
+        tok[i] = orig == 'A' ? 'B' : 'A';
+        token_claims_t none = {0};
+        token_verdict_t want = token_verify(tok, n, s_key, S_KEYLEN, S_NOW, NULL);
+        assert_true(want == TOKEN_FORGED || want == TOKEN_MALFORMED);
+        assert_int_equal(token_cache_verify(cache, tok, n, S_NOW, &none), want);
+        assert_int_equal(token_cache_verify(cache, tok, n, S_NOW, &none), want);
+        assert_int_equal(none.id, 0);
+        tok[i] = orig;
+    }
+    assert_int_equal(token_cache_verify(cache, tok, n - 1, S_NOW, NULL), TOKEN_MALFORMED);
+    assert_int_equal(token_cache_verify(cache, NULL, 0, S_NOW, NULL), TOKEN_MALFORMED);
+    /* a token signed with another key is forged here, however often seen */
+    char other[TOKEN_MAX_LEN + 1];
+    static const unsigned char key2[S_KEYLEN] = { 9 };
+    assert_int_equal(token_sign(&in, key2, sizeof key2, other, sizeof other), 0);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(token_cache_verify(cache, other, strlen(other), S_NOW, NULL),
+                         TOKEN_FORGED);
+    /* many tokens: each keeps its own claims */
+    for (int round = 0; round < 2; round++) {
+        for (int64_t id = 1; id <= 300; id++) {
+            token_claims_t c = {id % 2 ? TOKEN_ACTIVITY : TOKEN_STATION, id, id + 1,
+                                S_NOW + id};
+            char t[TOKEN_MAX_LEN + 1];
+            s_sign_ok(&c, t);
+            memset(&out, 0, sizeof out);
+            assert_int_equal(token_cache_verify(cache, t, strlen(t), S_NOW + 150, &out),
+                             id > 150 ? TOKEN_OK : TOKEN_EXPIRED);
+            assert_int_equal(out.id, id);
+            assert_int_equal(out.community_id, id + 1);
+            assert_int_equal(out.kind, c.kind);
+        }
+    }
+    token_cache_stats(cache, &hits, &misses);
+    assert_true(hits > 2);
+    token_cache_destroy(&cache);
+    assert_null(cache);
+    token_cache_destroy(&cache);
+}
+
 static void test_other_key_forged(void **state)
 {
     (void)state;
@@ -377,6 +449,7 @@ int main(void)
         cmocka_unit_test(test_malformed_fields),
         cmocka_unit_test(test_sign_rejects),
         cmocka_unit_test(test_verdict_names),
+        cmocka_unit_test(test_cache_same_verdicts),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
