@@ -81,20 +81,21 @@ static Linli__Envelope *s_row_envelope(const outbox_t *o, const PGresult *res, i
     e->source = xstrdup(o->source);
     e->payload_case = LINLI__ENVELOPE__PAYLOAD_EVENT;
 
-    json_error_t jerr;
-    json_t *payload = json_loads(PQgetvalue(res, row, 6), 0, &jerr);
-    json_t *j = json_object();
-    if (payload && pbjson_field(&linli__event__descriptor, type))
-        json_object_set(j, type, payload);
-    json_decref(payload);
-    char err[200];
-    e->event = (Linli__Event *)pbjson_to_message(&linli__event__descriptor, j, err, sizeof err);
-    json_decref(j);
-    if (!e->event) {
-        log_error("outbox", "event payload does not fit the proto type=%s seq=%" PRIu64 " err=%s",
-                  type, e->sequence, err);
-        e->event = xmalloc(sizeof *e->event);
-        linli__event__init(e->event);
+    /* The payload is the member of Event that type names, set directly. */
+    e->event = xmalloc(sizeof *e->event);
+    linli__event__init(e->event);
+    if (pbjson_field(&linli__event__descriptor, type)) {
+        json_error_t jerr;
+        char err[200];
+        json_t *payload = json_loads(PQgetvalue(res, row, 6), 0, &jerr);
+        if (!payload || pbjson_set_field(&e->event->base, type, payload, err, sizeof err) != 0) {
+            log_error("outbox", "event payload does not fit the proto type=%s seq=%" PRIu64
+                      " err=%s", type, e->sequence, payload ? err : jerr.text);
+            linli__event__free_unpacked(e->event, NULL);
+            e->event = xmalloc(sizeof *e->event);
+            linli__event__init(e->event);
+        }
+        json_decref(payload);
     }
     return e;
 }

@@ -516,6 +516,16 @@ ProtobufCMessage *pbjson_to_message(const ProtobufCMessageDescriptor *desc, cons
     return m;
 }
 
+int pbjson_set_field(ProtobufCMessage *m, const char *name, const json_t *v, char *err,
+                     size_t errlen)
+{
+    s_ctx_t c = {.err = err, .errlen = errlen};
+    if (err && errlen)
+        err[0] = '\0';
+    s_push(&c, name, 0);
+    return s_to_field(&c, m, name, v, 1);
+}
+
 ProtobufCMessage *pbjson_parse(const ProtobufCMessageDescriptor *desc, const char *text,
                                size_t len, char *err, size_t errlen)
 {

@@ -111,8 +111,41 @@ static void s_on_rows(const PGresult *res, void *arg)
 /* Builds the reply from the function's row: {"ok", "error", "<name>": result}
  * converted through the Reply descriptor, so every command's result shape
  * comes from proto/ and nothing here knows about individual commands. */
+/* A lane command's reply (the flood: scans, gifts): the result is set
+ * straight into the reply's member, without the JSON object around it that
+ * the finish callback would see. */
+static Linli__Reply *s_lane_reply(const s_item_t *it)
+{
+    bool ok = strcmp(it->code, "ok") == 0;
+    Linli__Reply *reply;
+    if (ok) {
+        reply = xmalloc(sizeof *reply);
+        linli__reply__init(reply);
+        reply->ok = 1;
+    } else {
+        reply = envelope_error_reply(it->code, it->message[0] ? it->message : it->code);
+    }
+    if (!it->result)
+        return reply;
+    json_error_t jerr;
+    char err[200] = "";
+    json_t *r = json_loads(it->result, 0, &jerr);
+    int rc = 0;
+    if (r && json_is_object(r) && json_object_size(r) > 0)
+        rc = pbjson_set_field(&reply->base, it->name, r, err, sizeof err);
+    json_decref(r);
+    if (rc != 0) {
+        log_error("sqlcmd", "result does not fit the reply command=%s err=%s", it->name, err);
+        linli__reply__free_unpacked(reply, NULL);
+        return envelope_error_reply("internal", "the result could not be encoded");
+    }
+    return reply;
+}
+
 static Linli__Reply *s_build_reply(const sqlcmd_t *q, const s_item_t *it)
 {
+    if (it->vals)
+        return s_lane_reply(it);
     json_t *j = json_object();
     bool ok = strcmp(it->code, "ok") == 0;
     json_object_set_new(j, "ok", json_boolean(ok));

@@ -42,7 +42,8 @@ typedef struct sqlcmd sqlcmd_t;
 /* Called for each committed command whose code is "ok", before its reply is
  * built; may amend the reply, given as JSON {"ok": true, "<name>": result}
  * (borrowed), e.g. to add a signed token. Returns 0, or -1 to answer with an
- * "internal" error instead. */
+ * "internal" error instead. Not called for lane commands: their replies are
+ * built straight from their results. */
 typedef int(sqlcmd_finish_fn)(const char *name, json_t *reply, void *arg);
 /* Called after each committed batch (e.g. to wake the outbox relay). */
 typedef void(sqlcmd_commit_fn)(void *arg);

@@ -674,6 +674,60 @@ static void test_field_and_case_name(void **state)
     protobuf_c_message_free_unpacked(&e->base, NULL);
 }
 
+/* pbjson_set_field sets one member as pbjson_to_message would from the
+ * object around it: the same message, packed byte for byte, and the same
+ * errors with the member's name first in their path. */
+static void test_set_field(void **state)
+{
+    (void)state;
+    static const char payload[] = "{\"checkin_id\": 9, \"activity_id\": 4, \"person_id\": 17, "
+                                  "\"community_id\": 2, \"at\": 1700000000000, "
+                                  "\"device_id\": \"gate-1\"}";
+    char err[200];
+    json_error_t jerr;
+    json_t *p = json_loads(payload, 0, &jerr);
+    assert_non_null(p);
+    Linli__Event *a = malloc(sizeof *a);
+    linli__event__init(a);
+    assert_int_equal(pbjson_set_field(&a->base, "checked_in", p, err, sizeof err), 0);
+    assert_int_equal(a->event_case, LINLI__EVENT__EVENT_CHECKED_IN);
+    assert_int_equal(a->checked_in->person_id, 17);
+    assert_string_equal(a->checked_in->device_id, "gate-1");
+    json_t *wrap = json_pack("{s:O}", "checked_in", p);
+    ProtobufCMessage *b = pbjson_to_message(&linli__event__descriptor, wrap, err, sizeof err);
+    assert_non_null(b);
+    size_t la = protobuf_c_message_get_packed_size(&a->base);
+    size_t lb = protobuf_c_message_get_packed_size(b);
+    assert_int_equal(la, lb);
+    uint8_t *ba = malloc(la), *bb = malloc(lb);
+    protobuf_c_message_pack(&a->base, ba);
+    protobuf_c_message_pack(b, bb);
+    assert_memory_equal(ba, bb, la);
+    free(ba);
+    free(bb);
+    protobuf_c_message_free_unpacked(b, NULL);
+    json_decref(wrap);
+
+    /* a second member of the same oneof */
+    assert_int_equal(pbjson_set_field(&a->base, "checked_out", p, err, sizeof err), -1);
+    assert_non_null(strstr(err, "checked_out"));
+    assert_non_null(strstr(err, "only one member of a oneof"));
+    linli__event__free_unpacked(a, NULL);
+    json_decref(p);
+
+    Linli__Event *c = malloc(sizeof *c);
+    linli__event__init(c);
+    json_t *empty = json_object();
+    assert_int_equal(pbjson_set_field(&c->base, "nope", empty, err, sizeof err), -1);
+    assert_string_equal(err, "nope: unknown field");
+    json_decref(empty);
+    json_t *bad = json_pack("{s:s}", "person_id", "x");
+    assert_int_equal(pbjson_set_field(&c->base, "checked_in", bad, err, sizeof err), -1);
+    assert_string_equal(err, "checked_in.person_id: expected integer");
+    json_decref(bad);
+    linli__event__free_unpacked(c, NULL);   /* part of a value is safe to free */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -690,6 +744,7 @@ int main(void)
         cmocka_unit_test(test_errors_document),
         cmocka_unit_test(test_limits),
         cmocka_unit_test(test_field_and_case_name),
+        cmocka_unit_test(test_set_field),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
