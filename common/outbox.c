@@ -38,13 +38,12 @@ struct outbox {
  * command waits on. */
 static char *s_event_id(const outbox_t *o, uint64_t epoch, uint64_t seq)
 {
-    char text[160];
-    int n = snprintf(text, sizeof text, "%s:%" PRIu64 ":%" PRIu64, o->stream, epoch, seq);
+    char *text = xasprintf("%s:%" PRIu64 ":%" PRIu64, o->stream, epoch, seq);
     unsigned char d[EVP_MAX_MD_SIZE];
     unsigned dlen = 0;
-    if (n < 0 || (size_t)n >= sizeof text || !o->md5 ||
-        !EVP_Digest(text, (size_t)n, d, &dlen, o->md5, NULL) || dlen != 16)
-    {
+    int ok = EVP_Digest(text, strlen(text), d, &dlen, o->md5, NULL) && dlen == 16;
+    free(text);
+    if (!ok) {
         log_error("outbox", "cannot derive an event id seq=%" PRIu64, seq);
         abort();
     }
@@ -428,7 +427,8 @@ outbox_t *outbox_new(struct event_base *base, const char *conninfo, const char *
                               schema);
     o->md5 = EVP_MD_fetch(NULL, "MD5", NULL);
     if (!o->md5) {
-        log_error("outbox", "OpenSSL has no MD5 (event ids)");
+        log_error("outbox", "OpenSSL offers no MD5, which event ids are named with "
+                            "(a FIPS-only configuration has none)");
         goto fail;
     }
     o->state_sql = xasprintf("SELECT epoch, last_seq FROM %s.outbox_state($1)", schema);

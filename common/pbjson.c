@@ -523,6 +523,11 @@ int pbjson_set_field(ProtobufCMessage *m, const char *name, const json_t *v, cha
     if (err && errlen)
         err[0] = '\0';
     s_push(&c, name, 0);
+    const ProtobufCFieldDescriptor *f =
+        protobuf_c_message_descriptor_get_field_by_name(m->descriptor, name);
+    if (f && !(f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF))
+        return s_fail(&c, "not a member of a oneof");
+    /* a member already set is refused by s_to_field */
     return s_to_field(&c, m, name, v, 1);
 }
 

@@ -52,12 +52,13 @@ json_t *pbjson_from_message(const ProtobufCMessage *m);
 ProtobufCMessage *pbjson_to_message(const ProtobufCMessageDescriptor *desc, const json_t *j,
                                     char *err, size_t errlen);
 
-/* Sets the field of m named name from the JSON value v, as pbjson_to_message
- * does for that key of m's object: for example a member of Event's or
- * Reply's oneof, without building the object around it. m is a message
- * from protobuf-c's init (or unpacked) whose field is still unset. Returns
- * 0, or -1 with a reason whose path starts at name written to err; m may
- * then hold part of the value, and is only fit to be freed (with
+/* Sets the member of a oneof of m named name (for example Event.checked_in
+ * or Reply.scan) from the JSON value v, as pbjson_to_message does for that
+ * key of m's object, without building the object around it. m is a message
+ * from protobuf-c's init (or unpacked). Returns 0, or -1 with a reason whose
+ * path starts at name written to err: name is not a oneof member of m, a
+ * member of that oneof is already set, or v does not fit. m may then hold
+ * part of the value, and is only fit to be freed (with
  * protobuf_c_message_free_unpacked, as usual). */
 int pbjson_set_field(ProtobufCMessage *m, const char *name, const json_t *v, char *err,
                      size_t errlen);

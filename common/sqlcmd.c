@@ -108,14 +108,14 @@ static void s_on_rows(const PGresult *res, void *arg)
     }
 }
 
-/* Builds the reply from the function's row: {"ok", "error", "<name>": result}
- * converted through the Reply descriptor, so every command's result shape
- * comes from proto/ and nothing here knows about individual commands. */
 /* A lane command's reply (the flood: scans, gifts): the result is set
  * straight into the reply's member, without the JSON object around it that
  * the finish callback would see. */
 static Linli__Reply *s_lane_reply(const s_item_t *it)
 {
+    /* as below: an internal command's result (nobody reads it) may be of a
+     * kind no command returns, and must not turn an "ok" into a failure */
+    bool keep = it->result && (it->req || pbjson_field(&linli__reply__descriptor, it->name));
     bool ok = strcmp(it->code, "ok") == 0;
     Linli__Reply *reply;
     if (ok) {
@@ -125,7 +125,7 @@ static Linli__Reply *s_lane_reply(const s_item_t *it)
     } else {
         reply = envelope_error_reply(it->code, it->message[0] ? it->message : it->code);
     }
-    if (!it->result)
+    if (!keep)
         return reply;
     json_error_t jerr;
     char err[200] = "";
@@ -142,6 +142,9 @@ static Linli__Reply *s_lane_reply(const s_item_t *it)
     return reply;
 }
 
+/* Builds the reply from the function's row: {"ok", "error", "<name>": result}
+ * converted through the Reply descriptor, so every command's result shape
+ * comes from proto/ and nothing here knows about individual commands. */
 static Linli__Reply *s_build_reply(const sqlcmd_t *q, const s_item_t *it)
 {
     if (it->vals)

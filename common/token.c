@@ -275,13 +275,14 @@ token_verdict_t token_verify(const char *text, size_t len, const void *key, size
 
 struct token_cache {
     const void *key;         /* borrowed */
-    size_t keylen;
+    size_t keylen;           /* bytes of key */
     struct {
         size_t len;          /* 0: empty */
         char text[TOKEN_MAX_LEN];
         token_claims_t claims;
     } slot[S_CACHE_SLOTS];   /* by hash of the text; a newer token takes the slot */
-    unsigned long long hits, misses;
+    unsigned long long hits;   /* answered from a slot */
+    unsigned long long misses; /* verified in full */
 };
 
 token_cache_t *token_cache_new(const void *key, size_t keylen)

@@ -39,7 +39,7 @@ struct registry {
     metrics_t *metrics;
     lx_http_t *http;             /* /healthz /readyz /metrics; NULL when off */
     metric_t *m_commands, *m_batches, *m_overlapped, *m_retried, *m_failed, *m_published, *m_pending,
-        *m_rejected, *m_token_hits;
+        *m_rejected, *m_token_hits, *m_token_misses;
     char *secret;                /* token key, owned */
     token_cache_t *tokens;       /* genuine tokens under secret */
     char *conninfo;              /* owned */
@@ -273,6 +273,7 @@ static void s_on_tick(evutil_socket_t fd, short what, void *arg)
     unsigned long long hits, misses;
     token_cache_stats(r->tokens, &hits, &misses);
     metric_set_total(r->m_token_hits, hits);
+    metric_set_total(r->m_token_misses, misses);
 }
 
 static const char *s_ready(void *arg)
@@ -376,6 +377,7 @@ registry_t *registry_new(struct event_base *base)
     r->m_published = metrics_add(r->metrics, "events_published_total", "counter", "Events published by the relay", NULL);
     r->m_pending = metrics_add(r->metrics, "commands_pending", "gauge", "Commands queued or in the database", NULL);
     r->m_token_hits = metrics_add(r->metrics, "token_cache_hits_total", "counter", "Scans whose token was known genuine, so only its expiry was checked", NULL);
+    r->m_token_misses = metrics_add(r->metrics, "token_cache_misses_total", "counter", "Scans whose token was verified in full", NULL);
     const char *http = config_get("LINLI_REGISTRY_HTTP", NULL);
     if (http) {
         r->http = http_new(base, http, r->metrics, s_ready, r);

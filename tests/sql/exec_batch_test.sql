@@ -1079,6 +1079,38 @@ BEGIN
 END
 $$;
 
+-- A run the fast path decides nothing of (here a person scanned twice, so
+-- both scans are left to registry.exec) does not take the stream's turn: it
+-- would hold it until commit, and the other batch in flight would wait.
+-- Taking the turn locks the stream row, which marks it with our transaction.
+DO $$
+DECLARE
+    n    integer;
+    v_p  bigint := t.person();
+BEGIN
+    SELECT count(*) INTO n
+      FROM registry.s_scan_lane(0, '{k-twice-1,k-twice-2}', ARRAY[t.at(3), t.at(3)],
+                                '{t,t}', ARRAY[v_p, v_p],
+                                ARRAY[t.id('W'), t.id('W')],
+                                ARRAY[t.comm('a', t.id('W')), t.comm('a', t.id('W'))],
+                                '{d-twice,d-twice}', '{1,2}', '{0,0}', '{0,0}')
+     WHERE code IS NULL;
+    PERFORM t.eq(n, 2, 'a person scanned twice in a run: both left to registry.exec');
+    PERFORM t.ok((SELECT xmax::text FROM registry.outbox_stream WHERE stream = 'registry')
+                 <> pg_current_xact_id()::text,
+                 'a run that decides nothing takes no turn on the stream');
+    SELECT count(*) INTO n
+      FROM registry.s_scan_lane(0, '{k-once-1}', ARRAY[t.at(3)], '{t}', ARRAY[v_p],
+                                ARRAY[t.id('W')], ARRAY[t.comm('a', t.id('W'))],
+                                '{d-once}', '{1}', '{0}', '{0}')
+     WHERE code IS NOT NULL;
+    PERFORM t.eq(n, 1, 'a run of one scan: decided by the fast path');
+    PERFORM t.ok((SELECT xmax::text FROM registry.outbox_stream WHERE stream = 'registry')
+                 = pg_current_xact_id()::text,
+                 'a run that writes events takes the turn');
+END
+$$;
+
 \pset tuples_only on
 \pset format unaligned
 SELECT 'exec_batch_test: ' || count(*) || ' checks passed' FROM t.passed;

@@ -5,6 +5,7 @@
  * oneof members) through a small hand-written descriptor, t_all. */
 #include "pbjson.h"
 
+#include "envelope.h"
 #include "envelope.pb-c.h"
 #include "registry.pb-c.h"
 
@@ -720,7 +721,20 @@ static void test_set_field(void **state)
     json_t *empty = json_object();
     assert_int_equal(pbjson_set_field(&c->base, "nope", empty, err, sizeof err), -1);
     assert_string_equal(err, "nope: unknown field");
+    assert_int_equal(pbjson_set_field(&c->base, "checked_in", empty, err, sizeof err), 0);
+    assert_int_equal(c->event_case, LINLI__EVENT__EVENT_CHECKED_IN);
     json_decref(empty);
+    linli__event__free_unpacked(c, NULL);
+    c = malloc(sizeof *c);
+    linli__event__init(c);
+    /* only oneof members: a plain field may already hold something */
+    Linli__Reply *r = envelope_error_reply("full", "Activity is full.");
+    json_t *e = json_pack("{s:s}", "code", "x");
+    assert_int_equal(pbjson_set_field(&r->base, "error", e, err, sizeof err), -1);
+    assert_string_equal(err, "error: not a member of a oneof");
+    assert_string_equal(r->error->code, "full");
+    json_decref(e);
+    linli__reply__free_unpacked(r, NULL);
     json_t *bad = json_pack("{s:s}", "person_id", "x");
     assert_int_equal(pbjson_set_field(&c->base, "checked_in", bad, err, sizeof err), -1);
     assert_string_equal(err, "checked_in.person_id: expected integer");

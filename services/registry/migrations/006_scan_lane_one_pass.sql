@@ -149,8 +149,10 @@ BEGIN
           FROM res x WHERE x.decided AND x.reason = ''
     ), turn AS (
         -- the stream's write turn, taken after the reading and checking
-        -- (see registry.exec_batch)
+        -- (see registry.exec_batch), and only when the run writes events: a
+        -- run of retries left to registry.exec must not hold it until commit
         SELECT registry.s_outbox_turn() AS last_seq
+         WHERE EXISTS (SELECT 1 FROM res x WHERE x.decided)
     ), ins_event AS (
         -- the payloads of registry.cmd_scan's events, field for field
         INSERT INTO registry.outbox (seq, type, community_id, trace_id, occurred_at, payload)
