@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <uuid/uuid.h>
 
 #define S_READ_LIMIT 2000        /* rows per read */
 #define S_REPLAY_MAX 1000        /* events per replay reply */
@@ -47,16 +48,8 @@ static char *s_event_id(const outbox_t *o, uint64_t epoch, uint64_t seq)
         log_error("outbox", "cannot derive an event id seq=%" PRIu64, seq);
         abort();
     }
-    static const char hex[] = "0123456789abcdef";
     char *id = xmalloc(37);
-    char *p = id;
-    for (unsigned i = 0; i < 16; i++) {
-        if (i == 4 || i == 6 || i == 8 || i == 10)
-            *p++ = '-';
-        *p++ = hex[d[i] >> 4];
-        *p++ = hex[d[i] & 15];
-    }
-    *p = '\0';
+    uuid_unparse_lower(d, id);
     return id;
 }
 

@@ -108,14 +108,27 @@ static void s_on_rows(const PGresult *res, void *arg)
     }
 }
 
+/* The command's result as the JSON object its reply carries (a new
+ * reference), or NULL when the reply carries none: no result, an empty one,
+ * or the result of an internal command (nobody reads it) of a kind no
+ * command returns, which must not turn an "ok" into a failure. */
+static json_t *s_result_json(const s_item_t *it)
+{
+    if (!it->result || !(it->req || pbjson_field(&linli__reply__descriptor, it->name)))
+        return NULL;
+    json_error_t jerr;
+    json_t *r = json_loads(it->result, 0, &jerr);
+    if (r && json_is_object(r) && json_object_size(r) > 0)
+        return r;
+    json_decref(r);
+    return NULL;
+}
+
 /* A lane command's reply (the flood: scans, gifts): the result is set
  * straight into the reply's member, without the JSON object around it that
  * the finish callback would see. */
 static Linli__Reply *s_lane_reply(const s_item_t *it)
 {
-    /* as below: an internal command's result (nobody reads it) may be of a
-     * kind no command returns, and must not turn an "ok" into a failure */
-    bool keep = it->result && (it->req || pbjson_field(&linli__reply__descriptor, it->name));
     bool ok = strcmp(it->code, "ok") == 0;
     Linli__Reply *reply;
     if (ok) {
@@ -125,14 +138,11 @@ static Linli__Reply *s_lane_reply(const s_item_t *it)
     } else {
         reply = envelope_error_reply(it->code, it->message[0] ? it->message : it->code);
     }
-    if (!keep)
+    json_t *r = s_result_json(it);
+    if (!r)
         return reply;
-    json_error_t jerr;
-    char err[200] = "";
-    json_t *r = json_loads(it->result, 0, &jerr);
-    int rc = 0;
-    if (r && json_is_object(r) && json_object_size(r) > 0)
-        rc = pbjson_set_field(&reply->base, it->name, r, err, sizeof err);
+    char err[200];
+    int rc = pbjson_set_field(&reply->base, it->name, r, err, sizeof err);
     json_decref(r);
     if (rc != 0) {
         log_error("sqlcmd", "result does not fit the reply command=%s err=%s", it->name, err);
@@ -155,16 +165,9 @@ static Linli__Reply *s_build_reply(const sqlcmd_t *q, const s_item_t *it)
     if (!ok)
         json_object_set_new(j, "error", json_pack("{s:s, s:s}", "code", it->code, "message",
                                                   it->message[0] ? it->message : it->code));
-    /* An internal command's result (nobody reads it) may be of a kind no
-     * command returns: it must not turn an "ok" into a failure. */
-    if (it->result && (it->req || pbjson_field(&linli__reply__descriptor, it->name))) {
-        json_error_t jerr;
-        json_t *r = json_loads(it->result, 0, &jerr);
-        if (r && json_is_object(r) && json_object_size(r) > 0)
-            json_object_set_new(j, it->name, r);
-        else
-            json_decref(r);
-    }
+    json_t *r = s_result_json(it);
+    if (r)
+        json_object_set_new(j, it->name, r);
     if (ok && q->opts.finish && q->opts.finish(it->name, j, q->opts.arg) != 0) {
         json_decref(j);
         return envelope_error_reply("internal", "the result could not be completed");

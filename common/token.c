@@ -231,6 +231,13 @@ int token_sign(const token_claims_t *claims, const void *key, size_t keylen, cha
     return 0;
 }
 
+/* The verdict on a genuine token with claims c at now_ms: a token expires at
+ * its expires_at. */
+static token_verdict_t s_expiry(const token_claims_t *c, int64_t now_ms)
+{
+    return now_ms >= c->expires_at ? TOKEN_EXPIRED : TOKEN_OK;
+}
+
 token_verdict_t token_verify(const char *text, size_t len, const void *key, size_t keylen,
                              int64_t now_ms, token_claims_t *claims)
 {
@@ -268,7 +275,7 @@ token_verdict_t token_verify(const char *text, size_t len, const void *key, size
 
     if (claims)
         *claims = c;
-    return now_ms >= c.expires_at ? TOKEN_EXPIRED : TOKEN_OK;
+    return s_expiry(&c, now_ms);
 }
 
 /* ---- cache of genuine tokens ---- */
@@ -315,7 +322,7 @@ token_verdict_t token_cache_verify(token_cache_t *cache, const char *text, size_
         token_claims_t c = cache->slot[k].claims;
         if (claims)
             *claims = c;
-        return now_ms >= c.expires_at ? TOKEN_EXPIRED : TOKEN_OK;
+        return s_expiry(&c, now_ms);
     }
     cache->misses++;
     token_claims_t c;
