@@ -29,24 +29,21 @@ struct bus_sock {
     int lock_fd;                /* flock on "<ipc path>.lock" while bound there; -1 */
 };
 
-static int s_pollin(bus_sock_t *s)
-{
-    int events = 0;
-    size_t len = sizeof events;
-    if (zmq_getsockopt(s->zs, ZMQ_EVENTS, &events, &len) != 0)
-        return 0;
-    return (events & ZMQ_POLLIN) != 0;
-}
-
-/* Receives and dispatches up to BUS_BURST messages. Returns 1 if input
- * remains (caller re-arms), 0 if drained, -1 if the socket was destroyed by
- * a callback. */
+/* Receives and dispatches up to BUS_BURST messages, reading until libzmq
+ * says EAGAIN: a receive that finds nothing has processed the socket's
+ * pending commands, so the descriptor signals again when input arrives.
+ * Returns 1 if input may remain (caller re-arms), 0 if drained, -1 if the
+ * socket was destroyed by a callback. */
 static int s_drain(bus_sock_t *s)
 {
     int alive = 1;
     s->alive = &alive;
     int handled = 0;
-    while (handled < BUS_BURST && !s->paused && s_pollin(s)) {
+    while (!s->paused) {
+        if (handled == BUS_BURST) {
+            s->alive = NULL;
+            return 1;
+        }
         zmq_msg_t parts[BUS_MAX_FRAMES];
         bus_msg_t msg = { 0 };
         int n = 0, more = 1, too_many = 0, failed = 0;
@@ -83,11 +80,11 @@ static int s_drain(bus_sock_t *s)
         if (!alive)
             return -1;
         if (failed)
-            break;
+            break;   /* EAGAIN on a first frame: drained (later frames cannot fail) */
         handled++;
     }
     s->alive = NULL;
-    return !s->paused && s_pollin(s);
+    return 0;
 }
 
 /* Handles s's input on the next pass of the loop. Not event_active():
@@ -97,7 +94,8 @@ static int s_drain(bus_sock_t *s)
 static void s_wake(bus_sock_t *s)
 {
     static const struct timeval zero = { 0, 0 };
-    evtimer_add(s->more, &zero);
+    if (!evtimer_pending(s->more, NULL))
+        evtimer_add(s->more, &zero);
 }
 
 static void s_on_fd(evutil_socket_t fd, short what, void *arg)
@@ -251,8 +249,9 @@ int bus_send(bus_sock_t *s, int n, const void *const *data, const size_t *size)
             break;
         }
     }
-    /* Sending may have consumed the edge that announced pending input. */
-    if (s->ev && !s->paused && s_pollin(s))
+    /* Sending may have consumed the edge that announced pending input: the
+     * socket is read on the loop's next pass, once for any number of sends. */
+    if (s->ev && !s->paused)
         s_wake(s);
     return rc;
 }

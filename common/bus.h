@@ -2,12 +2,14 @@
  *
  * libzmq exposes one file descriptor per socket (ZMQ_FD) that is
  * edge-triggered and signals "ZMQ_EVENTS may have changed", not "a message
- * is waiting". So on every wake-up, and after every send (a send can consume
- * the edge for pending input), we read ZMQ_EVENTS and keep receiving until
- * ZMQ_POLLIN is clear. To keep one busy socket from starving the loop, at
- * most BUS_BURST messages are handled per wake-up; the rest are handled on
- * the next loop iteration (a zero-delay timer, so due timers and other
- * sockets get their turn first). A callback may pause or destroy its own
+ * is waiting". So on every wake-up we keep receiving until libzmq answers
+ * EAGAIN (a receive that finds nothing has read the socket's pending
+ * commands, as a read of ZMQ_EVENTS would), and a send (which can consume
+ * the edge for pending input) has the socket read again on the loop's next
+ * pass, once for any number of sends. To keep one busy socket from starving
+ * the loop, at most BUS_BURST messages are handled per wake-up; the rest are
+ * handled on the next loop iteration (a zero-delay timer, so due timers and
+ * other sockets get their turn first). A callback may pause or destroy its own
  * socket; no further message is delivered after either.
  *
  * Every socket gets ZMQ_MAXMSGSIZE = ENVELOPE_MAX_BYTES + 64 KiB and a bounded

@@ -19,6 +19,7 @@ struct cmdsrv {
     void *arg;
     bool paused;
     int outstanding;
+    envelope_buf_t enc;          /* replies are encoded here */
     unsigned long long received, rejected, replied;
 };
 
@@ -36,7 +37,7 @@ static void s_send(cmdsrv_t *srv, const void *rid, size_t rid_len, bool delimite
                    const Linli__Envelope *e)
 {
     size_t len;
-    uint8_t *buf = envelope_encode(e, &len);
+    const uint8_t *buf = envelope_encode_to(e, &srv->enc, &len);
     const void *data[3] = { rid, "", buf };
     size_t size[3] = { rid_len, 0, len };
     if (!delimited) {
@@ -47,7 +48,6 @@ static void s_send(cmdsrv_t *srv, const void *rid, size_t rid_len, bool delimite
         log_debug("cmdsrv", "reply not delivered bytes=%zu", len);
     else
         srv->replied++;
-    free(buf);
 }
 
 /* Answers a refused frame; request_id (may be NULL) names the request when
@@ -147,6 +147,7 @@ void cmdsrv_destroy(cmdsrv_t **srv_p)
         return;
     cmdsrv_t *srv = *srv_p;
     bus_sock_destroy(&srv->sock);
+    free(srv->enc.p);
     free(srv->source);
     free(srv);
     *srv_p = NULL;
@@ -165,9 +166,28 @@ int64_t cmdsrv_req_received(const cmdsrv_req_t *req)
 void cmdsrv_reply(cmdsrv_t *srv, cmdsrv_req_t **req_p, Linli__Reply *reply)
 {
     cmdsrv_req_t *req = *req_p;
-    Linli__Envelope *e = envelope_reply_new(req->env, srv->source, reply);
-    s_send(srv, req->rid, req->rid_len, req->delimited, e);
-    protobuf_c_message_free_unpacked(&e->base, NULL);
+    const Linli__Envelope *env = req->env;
+    /* envelope_reply_new's envelope, on the stack with borrowed strings */
+    Linli__Envelope e = LINLI__ENVELOPE__INIT;
+    char id[37];
+    uuid_new(id);
+    e.id = id;
+    if (env->idempotency_key && env->idempotency_key[0])
+        e.idempotency_key = env->idempotency_key;
+    if (env->trace_id && env->trace_id[0])
+        e.trace_id = env->trace_id;
+    e.source = srv->source;
+    e.type = (char *)"reply";
+    e.occurred_at = now_ms();
+    e.community_id = env->community_id;
+    e.payload_case = LINLI__ENVELOPE__PAYLOAD_REPLY;
+    e.reply = reply;
+    if (reply->request_id && reply->request_id != protobuf_c_empty_string)
+        free(reply->request_id);
+    reply->request_id = env->id;   /* a command has one (s_on_msg) */
+    s_send(srv, req->rid, req->rid_len, req->delimited, &e);
+    reply->request_id = NULL;
+    linli__reply__free_unpacked(reply, NULL);
     envelope_free(&req->env);
     free(req);
     *req_p = NULL;

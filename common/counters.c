@@ -59,7 +59,16 @@ void counters_day(int64_t ms, int tz_offset_min, char out[9])
 {
     /* Floor division so that times before 1970 still land on the right day. */
     int64_t secs = ms / 1000 - ((ms % 1000) < 0 ? 1 : 0);
-    time_t t = (time_t)(secs + (int64_t)tz_offset_min * 60);
+    int64_t local = secs + (int64_t)tz_offset_min * 60;
+    /* the last day asked for, per thread: events come in runs of one day */
+    static __thread int64_t last_day = INT64_MIN;
+    static __thread char last[9];
+    int64_t day = local / 86400 - ((local % 86400) < 0 ? 1 : 0);
+    if (day == last_day) {
+        memcpy(out, last, 9);
+        return;
+    }
+    time_t t = (time_t)local;
     struct tm tm;
     if (!gmtime_r(&t, &tm)) {
         memcpy(out, "00000000", 9);
@@ -68,6 +77,8 @@ void counters_day(int64_t ms, int tz_offset_min, char out[9])
     unsigned y = (unsigned)(tm.tm_year + 1900) % 10000u, m = (unsigned)(tm.tm_mon + 1) % 100u,
              d = (unsigned)tm.tm_mday % 100u;
     snprintf(out, 9, "%04u%02u%02u", y, m, d);
+    memcpy(last, out, 9);
+    last_day = day;
 }
 
 static int s_fmt(size_t len, int n)
@@ -75,46 +86,61 @@ static int s_fmt(size_t len, int n)
     return (n < 0 || (size_t)n >= len) ? -1 : 0;
 }
 
-/* "P:{cC}" or "P:city" */
-static int s_scope(char *buf, size_t len, const char *prefix, int64_t community_id)
+/* Appends "P:{cC}" or "P:city", which must be shorter than COUNTERS_KEY_MAX
+ * (the hot keys are built without printf). */
+static int s_scope(char *buf, size_t len, size_t *at, const char *prefix, int64_t community_id)
 {
-    if (community_id)
-        return s_fmt(len, snprintf(buf, len, "%s:{c%" PRId64 "}", prefix, community_id));
-    return s_fmt(len, snprintf(buf, len, "%s:city", prefix));
+    int rc = str_put(buf, len, at, prefix);
+    if (!community_id) {
+        rc |= str_put(buf, len, at, ":city");
+    } else {
+        rc |= str_put(buf, len, at, ":{c");
+        rc |= str_put_i64(buf, len, at, community_id);
+        rc |= str_put(buf, len, at, "}");
+    }
+    return *at >= COUNTERS_KEY_MAX ? -1 : rc;
 }
 
 int counters_key_scope(char *buf, size_t len, const char *prefix, int64_t community_id,
                        const char *what)
 {
-    char scope[COUNTERS_KEY_MAX];
-    if (s_scope(scope, sizeof scope, prefix, community_id) < 0)
-        return -1;
-    return s_fmt(len, snprintf(buf, len, "%s:%s", scope, what));
+    size_t at = 0;
+    int rc = s_scope(buf, len, &at, prefix, community_id);
+    rc |= str_put(buf, len, &at, ":");
+    return rc | str_put(buf, len, &at, what);
+}
+
+/* "P:{cC}:<kind>:<id>:<what>" */
+static int s_key_of(char *buf, size_t len, const char *prefix, int64_t community_id,
+                    const char *kind, int64_t id, const char *what)
+{
+    size_t at = 0;
+    int rc = s_scope(buf, len, &at, prefix, community_id);
+    rc |= str_put(buf, len, &at, kind);
+    rc |= str_put_i64(buf, len, &at, id);
+    rc |= str_put(buf, len, &at, ":");
+    return rc | str_put(buf, len, &at, what);
 }
 
 int counters_key_activity(char *buf, size_t len, const char *prefix, int64_t community_id,
                           int64_t activity_id, const char *what)
 {
-    return s_fmt(len,
-                 snprintf(buf, len, "%s:{c%" PRId64 "}:act:%" PRId64 ":%s", prefix, community_id,
-                          activity_id, what));
+    return s_key_of(buf, len, prefix, community_id, ":act:", activity_id, what);
 }
 
 int counters_key_uniq(char *buf, size_t len, const char *prefix, int64_t community_id,
                       const char *day)
 {
-    char scope[COUNTERS_KEY_MAX];
-    if (s_scope(scope, sizeof scope, prefix, community_id) < 0)
-        return -1;
-    return s_fmt(len, snprintf(buf, len, "%s:uniq:%s", scope, day));
+    size_t at = 0;
+    int rc = s_scope(buf, len, &at, prefix, community_id);
+    rc |= str_put(buf, len, &at, ":uniq:");
+    return rc | str_put(buf, len, &at, day);
 }
 
 int counters_key_route(char *buf, size_t len, const char *prefix, int64_t community_id,
                        int64_t route_id, const char *what)
 {
-    return s_fmt(len,
-                 snprintf(buf, len, "%s:{c%" PRId64 "}:route:%" PRId64 ":%s", prefix,
-                          community_id, route_id, what));
+    return s_key_of(buf, len, prefix, community_id, ":route:", route_id, what);
 }
 
 int counters_key_activities(char *buf, size_t len, const char *prefix)

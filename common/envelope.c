@@ -186,6 +186,18 @@ uint8_t *envelope_encode(const Linli__Envelope *e, size_t *len)
     return buf;
 }
 
+const uint8_t *envelope_encode_to(const Linli__Envelope *e, envelope_buf_t *b, size_t *len)
+{
+    size_t n = linli__envelope__get_packed_size(e);
+    if (n > b->cap || !b->p) {
+        free(b->p);
+        b->cap = n > 4096 ? n : 4096;
+        b->p = xmalloc(b->cap);
+    }
+    *len = linli__envelope__pack(e, b->p);
+    return b->p;
+}
+
 void envelope_free(Linli__Envelope **e_p)
 {
     if (e_p && *e_p) {

@@ -40,6 +40,16 @@ int envelope_validate(const Linli__Envelope *e, char *why, size_t whylen);
 /* Packs e into a new buffer (caller frees) and stores its size in *len. */
 uint8_t *envelope_encode(const Linli__Envelope *e, size_t *len);
 
+/* A buffer reused across encodings: start from {0}, free(p) when done. */
+typedef struct {
+    uint8_t *p;
+    size_t cap;
+} envelope_buf_t;
+
+/* Packs e into b, grown as needed, and stores its size in *len. The bytes
+ * stay valid until b is used again. */
+const uint8_t *envelope_encode_to(const Linli__Envelope *e, envelope_buf_t *b, size_t *len);
+
 /* Frees a decoded envelope; accepts NULL; NULLs *e_p. Only for envelopes from
  * envelope_decode (protobuf-c's unpacked memory). */
 void envelope_free(Linli__Envelope **e_p);

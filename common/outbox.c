@@ -26,6 +26,7 @@ struct outbox {
     char *conninfo, *schema, *stream, *source;
     char *replay_sql, *state_sql;
     EVP_MD *md5;                 /* event ids (s_event_id) */
+    envelope_buf_t enc;          /* published events are encoded here */
     bool reading;                /* a read is in the database */
     bool again;                  /* kicked while reading */
     uint64_t epoch, last_seq;    /* the newest event published */
@@ -33,75 +34,99 @@ struct outbox {
     unsigned long long published;
 };
 
+#define S_TYPE_MAX 256           /* "<stream>.<type>" */
+
 /* An event's id names it for good: the UUID spelling of
  * MD5("<stream>:<epoch>:<seq>"), as <schema>.outbox_replay defines it
  * (md5(...)::uuid). Computed here rather than in the database, which every
  * command waits on. */
-static char *s_event_id(const outbox_t *o, uint64_t epoch, uint64_t seq)
+static void s_event_id(const outbox_t *o, uint64_t epoch, uint64_t seq, char id[37])
 {
-    char *text = xasprintf("%s:%" PRIu64 ":%" PRIu64, o->stream, epoch, seq);
+    char text[S_TYPE_MAX + 48];
+    size_t len = 0;
+    int rc = str_put(text, sizeof text, &len, o->stream);
+    rc |= str_put(text, sizeof text, &len, ":");
+    rc |= str_put_u64(text, sizeof text, &len, epoch);
+    rc |= str_put(text, sizeof text, &len, ":");
+    rc |= str_put_u64(text, sizeof text, &len, seq);
     unsigned char d[EVP_MAX_MD_SIZE];
     unsigned dlen = 0;
-    int ok = EVP_Digest(text, strlen(text), d, &dlen, o->md5, NULL) && dlen == 16;
-    free(text);
-    if (!ok) {
+    if (rc != 0 || !EVP_Digest(text, len, d, &dlen, o->md5, NULL) || dlen != 16) {
         log_error("outbox", "cannot derive an event id seq=%" PRIu64, seq);
         abort();
     }
-    char *id = xmalloc(37);
     uuid_unparse_lower(d, id);
-    return id;
 }
 
-/* Builds the event envelope for one outbox row (columns as returned by
- * <schema>.outbox_read). An event type this build does not know is
- * sent with an empty Event, so subscribers still advance past it. Caller
- * frees with protobuf_c_message_free_unpacked. */
-static Linli__Envelope *s_row_envelope(const outbox_t *o, const PGresult *res, int row)
+/* Fills e, initialised by the caller, from one outbox row (columns as
+ * returned by <schema>.outbox_read). Its strings are borrowed from res, o
+ * and the caller's id and type buffers; e->event is new (the caller frees
+ * it with protobuf_c_message_free_unpacked). An event type this build does
+ * not know is sent with an empty Event, so subscribers still advance past
+ * it. */
+static void s_row_fill(const outbox_t *o, const PGresult *res, int row, Linli__Envelope *e,
+                       char id[37], char type[S_TYPE_MAX])
 {
-    Linli__Envelope *e = xmalloc(sizeof *e);
-    linli__envelope__init(e);
     e->sequence = strtoull(PQgetvalue(res, row, 0), NULL, 10);
     e->epoch = strtoull(PQgetvalue(res, row, 1), NULL, 10);
-    e->id = s_event_id(o, e->epoch, e->sequence);
-    const char *type = PQgetvalue(res, row, 2);
-    e->type = xasprintf("%s.%s", o->stream, type);
+    s_event_id(o, e->epoch, e->sequence, id);
+    e->id = id;
+    const char *name = PQgetvalue(res, row, 2);
+    size_t tlen = 0;
+    if (str_put(type, S_TYPE_MAX, &tlen, o->stream) | str_put(type, S_TYPE_MAX, &tlen, ".") |
+        str_put(type, S_TYPE_MAX, &tlen, name))
+        log_error("outbox", "event type too long type=%s seq=%" PRIu64, name, e->sequence);
+    e->type = type;
     e->community_id = strtoll(PQgetvalue(res, row, 3), NULL, 10);
-    e->trace_id = xstrdup(PQgetvalue(res, row, 4));
+    e->trace_id = PQgetvalue(res, row, 4);
     e->occurred_at = strtoll(PQgetvalue(res, row, 5), NULL, 10);
-    e->stream = xstrdup(o->stream);
-    e->source = xstrdup(o->source);
+    e->stream = o->stream;
+    e->source = o->source;
     e->payload_case = LINLI__ENVELOPE__PAYLOAD_EVENT;
 
-    /* The payload is the member of Event that type names, set directly. */
+    /* The payload is the member of Event that the type names, set directly. */
     e->event = xmalloc(sizeof *e->event);
     linli__event__init(e->event);
-    if (pbjson_field(&linli__event__descriptor, type)) {
+    if (pbjson_field(&linli__event__descriptor, name)) {
         json_error_t jerr;
         char err[200];
         json_t *payload = json_loads(PQgetvalue(res, row, 6), 0, &jerr);
-        if (!payload || pbjson_set_field(&e->event->base, type, payload, err, sizeof err) != 0) {
+        if (!payload || pbjson_set_field(&e->event->base, name, payload, err, sizeof err) != 0) {
             log_error("outbox", "event payload does not fit the proto type=%s seq=%" PRIu64
-                      " err=%s", type, e->sequence, payload ? err : jerr.text);
+                      " err=%s", name, e->sequence, payload ? err : jerr.text);
             linli__event__free_unpacked(e->event, NULL);
             e->event = xmalloc(sizeof *e->event);
             linli__event__init(e->event);
         }
         json_decref(payload);
     }
+}
+
+/* The event envelope for one outbox row, all of it on the heap (for replay
+ * replies). Caller frees with protobuf_c_message_free_unpacked. */
+static Linli__Envelope *s_row_envelope(const outbox_t *o, const PGresult *res, int row)
+{
+    char id[37], type[S_TYPE_MAX];
+    Linli__Envelope *e = xmalloc(sizeof *e);
+    linli__envelope__init(e);
+    s_row_fill(o, res, row, e, id, type);
+    e->id = xstrdup(id);
+    e->type = xstrdup(type);
+    e->trace_id = xstrdup(e->trace_id);
+    e->stream = xstrdup(e->stream);
+    e->source = xstrdup(e->source);
     return e;
 }
 
 static void s_publish(outbox_t *o, const Linli__Envelope *e)
 {
     size_t len;
-    uint8_t *buf = envelope_encode(e, &len);
+    const uint8_t *buf = envelope_encode_to(e, &o->enc, &len);
     const void *data[2] = { o->stream, buf };
     size_t size[2] = { strlen(o->stream), len };
     /* PUB never blocks: a slow subscriber loses messages at its high-water
      * mark, notices the gap and replays from the table. */
     bus_send(o->pub, 2, data, size);
-    free(buf);
 }
 
 static void s_read(outbox_t *o);
@@ -125,26 +150,31 @@ static void s_on_read(const PGresult *res, void *arg)
         return;
     int n = PQntuples(res);
     for (int i = 0; i < n; i++) {
-        Linli__Envelope *e = s_row_envelope(o, res, i);
-        if (e->epoch != o->epoch) {
-            s_epoch_reset(o, e->epoch);
+        /* on the stack, its strings borrowed: only the payload is made */
+        Linli__Envelope e = LINLI__ENVELOPE__INIT;
+        char id[37], type[S_TYPE_MAX];
+        s_row_fill(o, res, i, &e, id, type);
+        bool stop = false;
+        if (e.epoch != o->epoch) {
+            s_epoch_reset(o, e.epoch);
             o->again = true;
-            protobuf_c_message_free_unpacked(&e->base, NULL);
-            break;
-        }
-        if (e->sequence != o->last_seq + 1) {
+            stop = true;
+        } else if (e.sequence != o->last_seq + 1) {
             /* Numbers are gap-free by construction; a hole means rows were
              * removed by hand. Stop here (the tick retries) rather than
              * publish out of order or spin. */
             log_error("outbox", "hole in the outbox stream=%s after=%" PRIu64 " next=%" PRIu64,
-                      o->stream, o->last_seq, e->sequence);
-            protobuf_c_message_free_unpacked(&e->base, NULL);
+                      o->stream, o->last_seq, e.sequence);
+            linli__event__free_unpacked(e.event, NULL);
             return;
+        } else {
+            s_publish(o, &e);
+            o->last_seq = e.sequence;
+            o->published++;
         }
-        s_publish(o, e);
-        o->last_seq = e->sequence;
-        o->published++;
-        protobuf_c_message_free_unpacked(&e->base, NULL);
+        linli__event__free_unpacked(e.event, NULL);
+        if (stop)
+            break;
     }
     if (n == S_READ_LIMIT)
         o->again = true;
@@ -446,6 +476,7 @@ void outbox_destroy(outbox_t **o_p)
         event_free(o->tick);
     s_listen_close(o);
     db_destroy(&o->db);
+    free(o->enc.p);
     free(o->conninfo);
     free(o->schema);
     free(o->stream);

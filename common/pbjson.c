@@ -60,11 +60,16 @@ static int s_fail(s_ctx_t *c, const char *fmt, ...)
  * the previous length, which s_pop restores. */
 static size_t s_push(s_ctx_t *c, const char *name, size_t index)
 {
-    size_t old = c->pathlen, room = sizeof c->path - old;
-    int n = name ? snprintf(c->path + old, room, "%s%s", old ? "." : "", name)
-                 : snprintf(c->path + old, room, "[%zu]", index);
-    if (n > 0)
-        c->pathlen = (size_t)n < room ? old + (size_t)n : sizeof c->path - 1;
+    size_t old = c->pathlen;
+    if (name) {
+        if (old)
+            (void)str_put(c->path, sizeof c->path, &c->pathlen, ".");
+        (void)str_put(c->path, sizeof c->path, &c->pathlen, name);
+    } else {
+        (void)str_put(c->path, sizeof c->path, &c->pathlen, "[");
+        (void)str_put_i64(c->path, sizeof c->path, &c->pathlen, (int64_t)index);
+        (void)str_put(c->path, sizeof c->path, &c->pathlen, "]");
+    }
     return old;
 }
 

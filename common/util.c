@@ -2,9 +2,11 @@
 #include "util.h"
 
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <errno.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/random.h>
 #include <time.h>
@@ -89,15 +91,29 @@ int64_t mono_us(void)
  * read per 256 ids instead of libuuid's per-id set-up, which showed in
  * profiles since every reply and event carries an id. The pool is dropped in
  * a forked child. */
+static unsigned s_forks;              /* children forked: bumped in each child */
+static pthread_once_t s_fork_once = PTHREAD_ONCE_INIT;
+
+static void s_on_fork_child(void)
+{
+    s_forks++;
+}
+
+static void s_watch_forks(void)
+{
+    pthread_atfork(NULL, NULL, s_on_fork_child);
+}
+
 void uuid_new(char out[37])
 {
     static __thread uint8_t pool[4096];
     static __thread size_t used = sizeof pool;
-    static __thread pid_t owner;
-    pid_t pid = getpid();
-    if (pid != owner) {
-        /* a forked child must not hand out its parent's ids */
-        owner = pid;
+    static __thread unsigned owner;
+    /* a forked child must not hand out its parent's ids; a fork handler
+     * rather than getpid(), which is a system call per id */
+    pthread_once(&s_fork_once, s_watch_forks);
+    if (owner != s_forks) {
+        owner = s_forks;
         used = sizeof pool;
     }
     if (used + 16 > sizeof pool) {
@@ -123,6 +139,52 @@ void uuid_new(char out[37])
     u[6] = (uint8_t)((u[6] & 0x0f) | 0x40); /* version 4 */
     u[8] = (uint8_t)((u[8] & 0x3f) | 0x80); /* RFC 4122 variant */
     uuid_unparse_lower(u, out);
+}
+
+int str_put(char *dst, size_t cap, size_t *len, const char *s)
+{
+    size_t n = strlen(s), room = cap > *len ? cap - *len - 1 : 0;
+    int rc = 0;
+    if (n > room) {
+        n = room;
+        rc = -1;
+    }
+    memcpy(dst + *len, s, n);
+    *len += n;
+    if (cap > *len)
+        dst[*len] = '\0';
+    return rc;
+}
+
+static int s_put_digits(char *dst, size_t cap, size_t *len, uint64_t u, bool negative)
+{
+    char tmp[24];
+    char *p = tmp + sizeof tmp;
+    *--p = '\0';
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (negative)
+        *--p = '-';
+    return str_put(dst, cap, len, p);
+}
+
+int str_put_i64(char *dst, size_t cap, size_t *len, int64_t v)
+{
+    return s_put_digits(dst, cap, len, v < 0 ? 0 - (uint64_t)v : (uint64_t)v, v < 0);
+}
+
+int str_put_u64(char *dst, size_t cap, size_t *len, uint64_t v)
+{
+    return s_put_digits(dst, cap, len, v, false);
+}
+
+void str_copy(char *dst, size_t cap, const char *s)
+{
+    size_t len = 0;
+    dst[0] = '\0';
+    (void)str_put(dst, cap, &len, s);
 }
 
 int uuid_valid(const char *s)

@@ -56,6 +56,16 @@ void buf_str(lx_buf_t *b, const char *s);
 /* Append printf output, of any length. */
 void buf_printf(lx_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* Text in a fixed buffer of cap bytes that holds *len bytes and a NUL:
+ * str_put appends s, str_put_i64 and str_put_u64 the decimal digits of v.
+ * Each returns 0, or
+ * -1 when the text did not fit (the buffer then holds what did, NUL-ended). */
+int str_put(char *dst, size_t cap, size_t *len, const char *s);
+int str_put_i64(char *dst, size_t cap, size_t *len, int64_t v);
+int str_put_u64(char *dst, size_t cap, size_t *len, uint64_t v);
+/* Copies s into dst (cap > 0 bytes), cut short to fit, always NUL-ended. */
+void str_copy(char *dst, size_t cap, const char *s);
+
 /* Writes a new random (v4) UUID as 36 characters plus NUL into out. */
 void uuid_new(char out[37]);
 /* 1 when s is a UUID in canonical text form, else 0. */

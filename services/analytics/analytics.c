@@ -180,8 +180,8 @@ static char *s_op(s_ops_t *o, const char *op, const char *x, const char *y)
         return NULL;
     }
     o->op[o->n] = op;
-    snprintf(o->x[o->n], S_ARG_MAX, "%s", x);
-    snprintf(o->y[o->n], S_ARG_MAX, "%s", y);
+    str_copy(o->x[o->n], S_ARG_MAX, x);
+    str_copy(o->y[o->n], S_ARG_MAX, y);
     return o->keys[o->n++];
 }
 
@@ -197,7 +197,8 @@ static void s_count(const analytics_t *a, s_ops_t *o, int64_t community, int64_t
 {
     char d[16];
     char *k;
-    snprintf(d, sizeof d, "%d", delta);
+    size_t dl = 0;
+    str_put_i64(d, sizeof d, &dl, delta);
     if (community && activity && (k = s_op(o, "incrby", d, "")))
         s_check(o, counters_key_activity(k, COUNTERS_KEY_MAX, a->prefix, community, activity,
                                          what));
@@ -211,11 +212,12 @@ static void s_activity_index(const analytics_t *a, s_ops_t *o, int64_t community
                              int64_t activity)
 {
     char x[24], y[24];
+    size_t xl = 0, yl = 0;
     char *k;
     if (!community || !activity)
         return;
-    snprintf(x, sizeof x, "%" PRId64, activity);
-    snprintf(y, sizeof y, "%" PRId64, community);
+    str_put_i64(x, sizeof x, &xl, activity);
+    str_put_i64(y, sizeof y, &yl, community);
     if ((k = s_op(o, "hset", x, y)))
         s_check(o, counters_key_activities(k, COUNTERS_KEY_MAX, a->prefix));
 }
@@ -304,7 +306,8 @@ static void s_build(const analytics_t *a, const Linli__Envelope *env, s_ops_t *o
         if (cc && e->activity_id && (k = s_op(o, "incrby", "1", "")))
             s_check(o, counters_key_activity(k, COUNTERS_KEY_MAX, a->prefix, cc, e->activity_id,
                                              "present"));
-        snprintf(x, sizeof x, "%" PRId64, e->person_id);
+        size_t xl = 0;
+        str_put_i64(x, sizeof x, &xl, e->person_id);
         if (cc && (k = s_op(o, "pfadd", x, "")))
             s_check(o, counters_key_uniq(k, COUNTERS_KEY_MAX, a->prefix, cc, day));
         if ((k = s_op(o, "pfadd", x, "")))
@@ -424,8 +427,8 @@ static s_mop_t *s_batch_op(s_batch_t *b, const char *op, const char *key, const 
         i = (i + 1) % LX_ARRAY_LEN(b->slot);
     s_mop_t *m = &b->ops[b->n];
     *m = (s_mop_t){ .op = op };
-    snprintf(m->key, sizeof m->key, "%s", key);
-    snprintf(m->field, sizeof m->field, "%s", field);
+    str_copy(m->key, sizeof m->key, key);
+    str_copy(m->field, sizeof m->field, field);
     b->slot[i] = ++b->n;
     return m;
 }

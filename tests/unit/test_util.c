@@ -4,6 +4,7 @@
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -142,6 +143,40 @@ static void test_fnv1a(void **state)
 
 /* The growing string: appends of any size, printf past its small buffer,
  * bytes with NULs in the middle counted by length. */
+/* Fixed-buffer text: digits as printf writes them, and a cut-short result
+ * that says so and stays NUL-ended. */
+static void test_str_put(void **state)
+{
+    (void)state;
+    const int64_t vals[] = { 0, 7, -7, 10, 1234567890123, INT64_MAX, INT64_MIN, -1 };
+    for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++) {
+        char got[32], want[32];
+        size_t len = 0;
+        assert_int_equal(str_put_i64(got, sizeof got, &len, vals[i]), 0);
+        snprintf(want, sizeof want, "%" PRId64, vals[i]);
+        assert_string_equal(got, want);
+        assert_int_equal(len, strlen(want));
+    }
+    char u[24];
+    size_t ulen = 0;
+    assert_int_equal(str_put_u64(u, sizeof u, &ulen, UINT64_MAX), 0);
+    assert_string_equal(u, "18446744073709551615");
+    char b[8];
+    size_t len = 0;
+    assert_int_equal(str_put(b, sizeof b, &len, "ab:"), 0);
+    assert_int_equal(str_put_i64(b, sizeof b, &len, 1234), 0);
+    assert_string_equal(b, "ab:1234");
+    assert_int_equal(str_put(b, sizeof b, &len, "x"), -1);
+    assert_string_equal(b, "ab:1234");
+    len = 5;
+    assert_int_equal(str_put_i64(b, sizeof b, &len, 123), -1);
+    assert_string_equal(b, "ab:1212");
+    str_copy(b, sizeof b, "abcdefghij");
+    assert_string_equal(b, "abcdefg");
+    str_copy(b, sizeof b, "");
+    assert_string_equal(b, "");
+}
+
 static void test_buf(void **state)
 {
     (void)state;
@@ -175,6 +210,7 @@ int main(void)
         cmocka_unit_test(test_uuid_valid),
         cmocka_unit_test(test_strings_and_clocks),
         cmocka_unit_test(test_buf),
+        cmocka_unit_test(test_str_put),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
