@@ -20,6 +20,8 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#define S_CLIENTS_PER_THREAD 8   /* clients one load thread drives */
+
 typedef enum { PHASE_REGISTER, PHASE_SIGN_UP, PHASE_SCAN } s_phase_t;
 static const char *const s_names[] = { "register_person", "sign_up", "scan" };
 
@@ -33,15 +35,20 @@ typedef struct {
     int round;                /* scan round: 0 the signed-up activity, then walk-ins */
     int64_t *lat_us;          /* out: one latency per command */
     int ok, failed;
+    uint8_t **msg;            /* the commands, encoded before the phase */
+    size_t *len;
+    void *zs;                 /* DEALER */
+    int64_t *sent_at;
+    int next, done;           /* sent, answered */
 } s_client_t;
 
 static void *s_zctx;
 static int64_t s_last_ack_ms; /* wall clock of the last acknowledgement (racy max is fine) */
 
 /* The i-th command of the client's phase, encoded. Built field by field, as
- * a client from proto/ would, so the load generator spends its share of
- * the machine on sending rather than on JSON. The index rides in the id, so
- * a reply finds its send time at once. */
+ * a client from proto/ would, and before the phase is timed, so the load
+ * generator spends its share of the machine on sending and receiving. The
+ * index rides in the id, so a reply finds its send time at once. */
 static uint8_t *s_encode(const s_client_t *c, int i, size_t *len)
 {
     char id[37], key[64], type[40], name[48], device[16];
@@ -93,66 +100,103 @@ static uint8_t *s_encode(const s_client_t *c, int i, size_t *len)
     return envelope_encode(&env, len);
 }
 
-static void *s_run(void *arg)
+/* One client's sending: its window refilled from the commands encoded
+ * before the phase began. */
+static void s_fill(s_client_t *c)
 {
-    s_client_t *c = arg;
-    void *zs = zmq_socket(s_zctx, ZMQ_DEALER);
-    int linger = 0;
-    zmq_setsockopt(zs, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_connect(zs, c->endpoint);
-    int64_t *sent_at = xcalloc((size_t)c->n, sizeof *sent_at);
-    int next = 0, done = 0;
-    while (done < c->n) {
-        while (next < c->n && next - done < c->window) {
-            size_t len;
-            uint8_t *buf = s_encode(c, next, &len);
-            sent_at[next] = mono_us();
-            zmq_send(zs, buf, len, 0);
-            free(buf);
-            next++;
-        }
-        zmq_pollitem_t item = { zs, 0, ZMQ_POLLIN, 0 };
-        if (zmq_poll(&item, 1, 30000) <= 0) {
-            fprintf(stderr, "bench: no reply for 30 s, giving up on client %d\n", c->client_no);
-            c->failed += c->n - done;
+    while (c->next < c->n && c->next - c->done < c->window) {
+        c->sent_at[c->next] = mono_us();
+        zmq_send(c->zs, c->msg[c->next], c->len[c->next], 0);
+        c->next++;
+    }
+}
+
+/* Every reply that is there for one client. */
+static void s_replies(s_client_t *c)
+{
+    for (;;) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, c->zs, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&m);
             break;
         }
-        /* every reply that is there, then send again */
-        for (;;) {
-            zmq_msg_t m;
-            zmq_msg_init(&m);
-            if (zmq_msg_recv(&m, zs, ZMQ_DONTWAIT) < 0) {
-                zmq_msg_close(&m);
-                break;
-            }
-            Linli__Envelope *r =
-                linli__envelope__unpack(NULL, zmq_msg_size(&m), zmq_msg_data(&m));
-            zmq_msg_close(&m);
-            if (!r || r->payload_case != LINLI__ENVELOPE__PAYLOAD_REPLY ||
-                !r->reply->request_id || strlen(r->reply->request_id) != 36) {
-                if (r)
-                    linli__envelope__free_unpacked(r, NULL);
-                continue;
-            }
-            int idx = (int)strtol(r->reply->request_id + 24, NULL, 16);
-            if (idx >= 0 && idx < c->n && c->lat_us[idx] == 0) {
-                c->lat_us[idx] = mono_us() - sent_at[idx];
-                if (r->reply->ok) {
-                    c->ok++;
-                    if (c->phase == PHASE_REGISTER && r->reply->register_person)
-                        c->people[idx] = r->reply->register_person->id;
-                } else if (c->failed++ < 3) {
-                    fprintf(stderr, "bench: %s refused: %s\n", s_names[c->phase],
-                            r->reply->error ? r->reply->error->code : "?");
-                }
-                done++;
-            }
-            linli__envelope__free_unpacked(r, NULL);
+        Linli__Envelope *r = linli__envelope__unpack(NULL, zmq_msg_size(&m), zmq_msg_data(&m));
+        zmq_msg_close(&m);
+        if (!r || r->payload_case != LINLI__ENVELOPE__PAYLOAD_REPLY ||
+            !r->reply->request_id || strlen(r->reply->request_id) != 36) {
+            if (r)
+                linli__envelope__free_unpacked(r, NULL);
+            continue;
         }
+        int idx = (int)strtol(r->reply->request_id + 24, NULL, 16);
+        if (idx >= 0 && idx < c->n && c->lat_us[idx] == 0) {
+            c->lat_us[idx] = mono_us() - c->sent_at[idx];
+            if (r->reply->ok) {
+                c->ok++;
+                if (c->phase == PHASE_REGISTER && r->reply->register_person)
+                    c->people[idx] = r->reply->register_person->id;
+            } else if (c->failed++ < 3) {
+                fprintf(stderr, "bench: %s refused: %s\n", s_names[c->phase],
+                        r->reply->error ? r->reply->error->code : "?");
+            }
+            c->done++;
+        }
+        linli__envelope__free_unpacked(r, NULL);
+    }
+}
+
+/* A thread drives several clients, each on a DEALER socket of its own with
+ * its window of commands in flight, as gates on other machines would: one
+ * thread per core's worth of clients keeps the load generator's own share
+ * of a small machine down to sending and receiving. */
+typedef struct {
+    s_client_t *cl;
+    int n;
+} s_group_t;
+
+static void *s_run(void *arg)
+{
+    s_group_t *g = arg;
+    zmq_pollitem_t *items = xcalloc((size_t)g->n, sizeof *items);
+    for (int k = 0; k < g->n; k++) {
+        s_client_t *c = &g->cl[k];
+        c->zs = zmq_socket(s_zctx, ZMQ_DEALER);
+        int linger = 0;
+        zmq_setsockopt(c->zs, ZMQ_LINGER, &linger, sizeof linger);
+        zmq_connect(c->zs, c->endpoint);
+        c->sent_at = xcalloc((size_t)c->n, sizeof *c->sent_at);
+        items[k] = (zmq_pollitem_t){ c->zs, 0, ZMQ_POLLIN, 0 };
+    }
+    for (;;) {
+        int busy = 0;
+        for (int k = 0; k < g->n; k++) {
+            s_fill(&g->cl[k]);
+            busy += g->cl[k].done < g->cl[k].n;
+        }
+        if (!busy)
+            break;
+        if (zmq_poll(items, g->n, 30000) <= 0) {
+            for (int k = 0; k < g->n; k++) {
+                s_client_t *c = &g->cl[k];
+                if (c->done < c->n) {
+                    fprintf(stderr, "bench: no reply for 30 s, giving up on client %d\n",
+                            c->client_no);
+                    c->failed += c->n - c->done;
+                }
+            }
+            break;
+        }
+        for (int k = 0; k < g->n; k++)
+            if (items[k].revents & ZMQ_POLLIN)
+                s_replies(&g->cl[k]);
     }
     s_last_ack_ms = now_ms();
-    free(sent_at);
-    zmq_close(zs);
+    for (int k = 0; k < g->n; k++) {
+        free(g->cl[k].sent_at);
+        zmq_close(g->cl[k].zs);
+    }
+    free(items);
     return NULL;
 }
 
@@ -175,25 +219,41 @@ static int s_phase(const char *endpoint, s_phase_t phase, int round, const char 
                    int nclients, int window, double *rate)
 {
     s_client_t *cl = xcalloc((size_t)nclients, sizeof *cl);
-    pthread_t *th = xcalloc((size_t)nclients, sizeof *th);
+    int nthreads = (nclients + S_CLIENTS_PER_THREAD - 1) / S_CLIENTS_PER_THREAD;
+    pthread_t *th = xcalloc((size_t)nthreads, sizeof *th);
+    s_group_t *groups = xcalloc((size_t)nthreads, sizeof *groups);
     int64_t *lat = xcalloc((size_t)n, sizeof *lat);
     int per = n / nclients;
-    int64_t t0 = mono_us();
     for (int i = 0; i < nclients; i++) {
         int from = i * per, count = i == nclients - 1 ? n - from : per;
         cl[i] = (s_client_t){ .endpoint = endpoint, .phase = phase, .community_id = cid,
                               .activity_id = aid, .token = token, .people = people + from,
                               .n = count, .window = window, .client_no = i, .round = round,
                               .lat_us = lat + from };
-        pthread_create(&th[i], NULL, s_run, &cl[i]);
+        cl[i].msg = xcalloc((size_t)count, sizeof *cl[i].msg);
+        cl[i].len = xcalloc((size_t)count, sizeof *cl[i].len);
+        for (int k = 0; k < count; k++)
+            cl[i].msg[k] = s_encode(&cl[i], k, &cl[i].len[k]);
+    }
+    int64_t t0 = mono_us();
+    for (int t = 0; t < nthreads; t++) {
+        int from = t * S_CLIENTS_PER_THREAD;
+        groups[t] = (s_group_t){ cl + from, nclients - from < S_CLIENTS_PER_THREAD
+                                                ? nclients - from : S_CLIENTS_PER_THREAD };
+        pthread_create(&th[t], NULL, s_run, &groups[t]);
     }
     int ok = 0, failed = 0;
+    for (int t = 0; t < nthreads; t++)
+        pthread_join(th[t], NULL);
+    double secs = (double)(mono_us() - t0) / 1e6;
     for (int i = 0; i < nclients; i++) {
-        pthread_join(th[i], NULL);
         ok += cl[i].ok;
         failed += cl[i].failed;
+        for (int k = 0; k < cl[i].n; k++)
+            free(cl[i].msg[k]);
+        free(cl[i].msg);
+        free(cl[i].len);
     }
-    double secs = (double)(mono_us() - t0) / 1e6;
     qsort(lat, (size_t)n, sizeof *lat, s_cmp);
     printf("%-16s %7d ok %5d refused in %6.2f s: %8.0f acknowledged/s   p50 %7.2f ms   p99 %7.2f ms\n",
            label, ok, failed, secs, ok / secs, lat[n / 2] / 1000.0,
@@ -202,6 +262,7 @@ static int s_phase(const char *endpoint, s_phase_t phase, int round, const char 
     fflush(stdout);
     free(cl);
     free(th);
+    free(groups);
     free(lat);
     return failed;
 }
