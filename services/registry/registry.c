@@ -123,19 +123,22 @@ static int s_scan_lane_submit(registry_t *r, cmdsrv_req_t **req, const Linli__Sc
     if (scan->direction != LINLI__DIRECTION__DIRECTION_ENTRY || v != TOKEN_OK ||
         c->kind != TOKEN_ACTIVITY || (scan->expected_id != 0 && scan->expected_id != c->id))
         return -1;
+    const int64_t v6[6] = { scan->person_id, c->id, c->community_id, (int64_t)scan->counter,
+                            at, scan->expected_id };
     char num[6][24];
-    snprintf(num[0], sizeof num[0], "%lld", (long long)scan->person_id);
-    snprintf(num[1], sizeof num[1], "%lld", (long long)c->id);
-    snprintf(num[2], sizeof num[2], "%lld", (long long)c->community_id);
-    snprintf(num[3], sizeof num[3], "%lld", (long long)(int64_t)scan->counter);
-    snprintf(num[4], sizeof num[4], "%lld", (long long)at);
-    snprintf(num[5], sizeof num[5], "%lld", (long long)scan->expected_id);
+    for (int k = 0; k < 6; k++) {
+        size_t len = 0;
+        str_put_i64(num[k], sizeof num[k], &len, v6[k]);
+    }
     const char *cols[7] = { num[0], num[1], num[2], scan->device_id, num[3], num[4], num[5] };
     /* A batch running beside this one must not hold the same person (one
      * open check-in each) or nonce: the unique indexes would make one wait
      * for the other. */
     char nonce[S_MAX_DEVICE_ID + 32];
-    snprintf(nonce, sizeof nonce, "%s/%s", scan->device_id, num[3]);
+    size_t nlen = 0;
+    str_put(nonce, sizeof nonce, &nlen, scan->device_id);
+    str_put(nonce, sizeof nonce, &nlen, "/");
+    str_put(nonce, sizeof nonce, &nlen, num[3]);
     const char *conflicts[2] = { num[0], nonce };
     return sqlcmd_submit_lane(r->cmds, req, NULL, cols, conflicts, scan->device_id[0] ? 2 : 1);
 }
