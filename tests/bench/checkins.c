@@ -6,6 +6,7 @@
  *
  *   checkins ENDPOINT REDIS PREFIX [clients] [window] [people]
  */
+#include "bench.h"
 #include "cmdcli.h"
 #include "counters.h"
 #include "envelope.h"
@@ -117,22 +118,13 @@ static void s_fill(s_client_t *c)
 static void s_replies(s_client_t *c)
 {
     for (;;) {
-        zmq_msg_t m;
-        zmq_msg_init(&m);
-        if (zmq_msg_recv(&m, c->zs, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&m);
+        Linli__Envelope *r;
+        int idx, got = bench_reply(c->zs, c->n, &r, &idx);
+        if (got < 0)
             break;
-        }
-        Linli__Envelope *r = linli__envelope__unpack(NULL, zmq_msg_size(&m), zmq_msg_data(&m));
-        zmq_msg_close(&m);
-        if (!r || r->payload_case != LINLI__ENVELOPE__PAYLOAD_REPLY ||
-            !r->reply->request_id || strlen(r->reply->request_id) != 36) {
-            if (r)
-                linli__envelope__free_unpacked(r, NULL);
+        if (got == 0)
             continue;
-        }
-        int idx = (int)strtol(r->reply->request_id + 24, NULL, 16);
-        if (idx >= 0 && idx < c->n && c->lat_us[idx] == 0) {
+        if (c->lat_us[idx] == 0) {
             c->lat_us[idx] = mono_us() - c->sent_at[idx];
             if (r->reply->ok) {
                 c->ok++;

@@ -9,6 +9,7 @@
  *
  *   ledger REGISTRY TIMEBANK PGCONN [clients] [window] [people] [movements] [rounds]
  */
+#include "bench.h"
 #include "cmdcli.h"
 #include "envelope.h"
 #include "pbjson.h"
@@ -155,23 +156,13 @@ static void *s_run(void *arg)
             break;
         }
         for (;;) {
-            zmq_msg_t m;
-            zmq_msg_init(&m);
-            if (zmq_msg_recv(&m, zs, ZMQ_DONTWAIT) < 0) {
-                zmq_msg_close(&m);
+            Linli__Envelope *r;
+            int idx, got = bench_reply(zs, c->n, &r, &idx);
+            if (got < 0)
                 break;
-            }
-            Linli__Envelope *r =
-                linli__envelope__unpack(NULL, zmq_msg_size(&m), zmq_msg_data(&m));
-            zmq_msg_close(&m);
-            if (!r || r->payload_case != LINLI__ENVELOPE__PAYLOAD_REPLY ||
-                !r->reply->request_id || strlen(r->reply->request_id) != 36) {
-                if (r)
-                    linli__envelope__free_unpacked(r, NULL);
+            if (got == 0)
                 continue;
-            }
-            int idx = (int)strtol(r->reply->request_id + 24, NULL, 16);
-            if (idx >= 0 && idx < c->n && c->lat_us[idx] == 0) {
+            if (c->lat_us[idx] == 0) {
                 c->lat_us[idx] = mono_us() - sent_at[idx];
                 if (r->reply->ok) {
                     c->ok++;
