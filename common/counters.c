@@ -110,12 +110,15 @@ int counters_key_scope(char *buf, size_t len, const char *prefix, int64_t commun
     return rc | str_put(buf, len, &at, what);
 }
 
-/* "P:{cC}:<kind>:<id>:<what>" */
+/* "P:{cC}:<kind>:<id>:<what>", C even when 0 */
 static int s_key_of(char *buf, size_t len, const char *prefix, int64_t community_id,
                     const char *kind, int64_t id, const char *what)
 {
     size_t at = 0;
-    int rc = s_scope(buf, len, &at, prefix, community_id);
+    int rc = str_put(buf, len, &at, prefix);
+    rc |= str_put(buf, len, &at, ":{c");
+    rc |= str_put_i64(buf, len, &at, community_id);
+    rc |= str_put(buf, len, &at, "}");
     rc |= str_put(buf, len, &at, kind);
     rc |= str_put_i64(buf, len, &at, id);
     rc |= str_put(buf, len, &at, ":");

@@ -189,7 +189,9 @@ uint8_t *envelope_encode(const Linli__Envelope *e, size_t *len)
 const uint8_t *envelope_encode_to(const Linli__Envelope *e, envelope_buf_t *b, size_t *len)
 {
     size_t n = linli__envelope__get_packed_size(e);
-    if (n > b->cap || !b->p) {
+    /* grown for one large message (a replay), it goes back to 4 KiB at the
+     * next small one */
+    if (n > b->cap || !b->p || (b->cap > 65536 && n <= 4096)) {
         free(b->p);
         b->cap = n > 4096 ? n : 4096;
         b->p = xmalloc(b->cap);

@@ -34,6 +34,7 @@ struct outbox {
     unsigned long long published;
 };
 
+#define S_STREAM_MAX 64          /* bytes of a stream's name */
 #define S_TYPE_MAX 256           /* "<stream>.<type>" */
 
 /* An event's id names it for good: the UUID spelling of
@@ -73,9 +74,16 @@ static void s_row_fill(const outbox_t *o, const PGresult *res, int row, Linli__E
     e->id = id;
     const char *name = PQgetvalue(res, row, 2);
     size_t tlen = 0;
-    if (str_put(type, S_TYPE_MAX, &tlen, o->stream) | str_put(type, S_TYPE_MAX, &tlen, ".") |
-        str_put(type, S_TYPE_MAX, &tlen, name))
-        log_error("outbox", "event type too long type=%s seq=%" PRIu64, name, e->sequence);
+    str_put(type, S_TYPE_MAX, &tlen, o->stream);
+    str_put(type, S_TYPE_MAX, &tlen, ".");
+    if (str_put(type, S_TYPE_MAX, &tlen, name) != 0) {
+        /* no Event member has so long a name: sent as an empty event of a
+         * type nobody handles, never under a name cut short */
+        log_error("outbox", "event type too long seq=%" PRIu64, e->sequence);
+        tlen = strlen(o->stream) + 1;
+        str_put(type, S_TYPE_MAX, &tlen, "unknown");
+        name = "";
+    }
     e->type = type;
     e->community_id = strtoll(PQgetvalue(res, row, 3), NULL, 10);
     e->trace_id = PQgetvalue(res, row, 4);
@@ -448,6 +456,10 @@ outbox_t *outbox_new(struct event_base *base, const char *conninfo, const char *
     o->replay_sql = xasprintf("SELECT seq, epoch, type, community_id, trace_id, occurred_at, "
                               "payload FROM %s.outbox_read($1, $2::bigint, $3::int)",
                               schema);
+    if (strlen(stream) > S_STREAM_MAX) {
+        log_error("outbox", "stream name longer than %d bytes stream=%s", S_STREAM_MAX, stream);
+        goto fail;
+    }
     o->md5 = EVP_MD_fetch(NULL, "MD5", NULL);
     if (!o->md5) {
         log_error("outbox", "OpenSSL offers no MD5, which event ids are named with "

@@ -14,6 +14,7 @@
 #include "util.h"
 
 #include <dirent.h>
+#include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -46,7 +47,7 @@ typedef struct {
 } s_client_t;
 
 static void *s_zctx;
-static int64_t s_last_ack_ms; /* wall clock of the last acknowledgement (racy max is fine) */
+static int64_t s_last_ack_ms; /* wall clock of the last acknowledgement */
 
 /* The i-th command of the client's phase, encoded. Built field by field, as
  * a client from proto/ would, and before the phase is timed, so the load
@@ -147,6 +148,7 @@ static void s_replies(s_client_t *c)
 typedef struct {
     s_client_t *cl;
     int n;
+    int64_t last_ack_ms;     /* out: wall clock when its last reply came */
 } s_group_t;
 
 static void *s_run(void *arg)
@@ -170,7 +172,10 @@ static void *s_run(void *arg)
         }
         if (!busy)
             break;
-        if (zmq_poll(items, g->n, 30000) <= 0) {
+        int ready = zmq_poll(items, g->n, 30000);
+        if (ready < 0 && errno == EINTR)
+            continue;
+        if (ready <= 0) {
             for (int k = 0; k < g->n; k++) {
                 s_client_t *c = &g->cl[k];
                 if (c->done < c->n) {
@@ -185,7 +190,7 @@ static void *s_run(void *arg)
             if (items[k].revents & ZMQ_POLLIN)
                 s_replies(&g->cl[k]);
     }
-    s_last_ack_ms = now_ms();
+    g->last_ack_ms = now_ms();
     for (int k = 0; k < g->n; k++) {
         free(g->cl[k].sent_at);
         zmq_close(g->cl[k].zs);
@@ -210,8 +215,9 @@ typedef struct {
 static s_watch_t s_watch[S_WATCH_MAX];
 static int s_nwatch;
 
-/* utime + stime of pid in clock ticks, and its parent's pid; -1 when gone. */
-static long long s_proc_ticks(int pid, int *ppid)
+/* utime + stime of pid in clock ticks (with cutime + cstime, the reaped
+ * children's, when reaped is set), and its parent's pid; -1 when gone. */
+static long long s_proc_ticks(int pid, int *ppid, bool reaped)
 {
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%d/stat", pid);
@@ -222,20 +228,22 @@ static long long s_proc_ticks(int pid, int *ppid)
     fclose(f);
     buf[n] = '\0';
     const char *p = strrchr(buf, ')');   /* the name may hold spaces */
-    long long utime = 0, stime = 0;
+    long long utime = 0, stime = 0, cutime = 0, cstime = 0;
     int parent = 0;
-    if (!p || sscanf(p + 2, "%*c %d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lld %lld", &parent,
-                     &utime, &stime) != 3)
+    if (!p || sscanf(p + 2, "%*c %d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lld %lld %lld %lld",
+                     &parent, &utime, &stime, &cutime, &cstime) != 5)
         return -1;
     if (ppid)
         *ppid = parent;
-    return utime + stime;
+    return utime + stime + (reaped ? cutime + cstime : 0);
 }
 
-/* The ticks of watch w, with its children's when it is a tree. */
+/* The ticks of watch w, with its children's when it is a tree: those
+ * running and those that ended (a backend that exits between two looks
+ * moves from the one to the other). */
 static long long s_watch_ticks(const s_watch_t *w)
 {
-    long long t = s_proc_ticks(w->pid, NULL);
+    long long t = s_proc_ticks(w->pid, NULL, w->tree);
     if (t < 0 || !w->tree)
         return t;
     DIR *d = opendir("/proc");
@@ -243,7 +251,7 @@ static long long s_watch_ticks(const s_watch_t *w)
     while (d && (e = readdir(d))) {
         int pid = atoi(e->d_name), ppid = 0;
         long long c;
-        if (pid > 0 && (c = s_proc_ticks(pid, &ppid)) >= 0 && ppid == w->pid)
+        if (pid > 0 && (c = s_proc_ticks(pid, &ppid, false)) >= 0 && ppid == w->pid)
             t += c;
     }
     if (d)
@@ -291,7 +299,7 @@ static void s_ticks_now(s_ticks_t *t)
 {
     for (int i = 0; i < s_nwatch; i++)
         t->w[i] = s_watch_ticks(&s_watch[i]);
-    t->self = s_proc_ticks(getpid(), NULL);
+    t->self = s_proc_ticks(getpid(), NULL, false);
     t->machine = s_machine_ticks();
 }
 
@@ -351,12 +359,15 @@ static int s_phase(const char *endpoint, s_phase_t phase, int round, const char 
     for (int t = 0; t < nthreads; t++) {
         int from = t * S_CLIENTS_PER_THREAD;
         groups[t] = (s_group_t){ cl + from, nclients - from < S_CLIENTS_PER_THREAD
-                                                ? nclients - from : S_CLIENTS_PER_THREAD };
+                                                ? nclients - from : S_CLIENTS_PER_THREAD, 0 };
         pthread_create(&th[t], NULL, s_run, &groups[t]);
     }
     int ok = 0, failed = 0;
-    for (int t = 0; t < nthreads; t++)
+    for (int t = 0; t < nthreads; t++) {
         pthread_join(th[t], NULL);
+        if (groups[t].last_ack_ms > s_last_ack_ms)
+            s_last_ack_ms = groups[t].last_ack_ms;
+    }
     double secs = (double)(mono_us() - t0) / 1e6;
     s_ticks_now(&ticks1);
     for (int i = 0; i < nclients; i++) {

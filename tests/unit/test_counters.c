@@ -266,6 +266,13 @@ static void test_keys(void **state)
     assert_string_equal(k, "P:city:uniq:" S_DAY);
     assert_int_equal(counters_key_route(k, sizeof k, "P", 7, 3, "stamps"), 0);
     assert_string_equal(k, "P:{c7}:route:3:stamps");
+    /* activity and route keys always name their community, 0 as well */
+    assert_int_equal(counters_key_activity(k, sizeof k, "P", 0, 42, "present"), 0);
+    assert_string_equal(k, "P:{c0}:act:42:present");
+    assert_int_equal(counters_key_route(k, sizeof k, "P", 0, 3, "stamps"), 0);
+    assert_string_equal(k, "P:{c0}:route:3:stamps");
+    assert_int_equal(counters_key_activity(k, sizeof k, "P", -5, -6, "x"), 0);
+    assert_string_equal(k, "P:{c-5}:act:-6:x");
     assert_int_equal(counters_key_activities(k, sizeof k, "P"), 0);
     assert_string_equal(k, "P:city:activities");
     assert_int_equal(counters_key_position(k, sizeof k, "P", "registry"), 0);
