@@ -43,7 +43,7 @@ struct outbox {
  * command waits on. */
 static void s_event_id(const outbox_t *o, uint64_t epoch, uint64_t seq, char id[37])
 {
-    char text[S_TYPE_MAX + 48];
+    char text[S_STREAM_MAX + 48];   /* "<stream>:<epoch>:<seq>" */
     size_t len = 0;
     int rc = str_put(text, sizeof text, &len, o->stream);
     rc |= str_put(text, sizeof text, &len, ":");

@@ -569,23 +569,16 @@ void sqlcmd_destroy(sqlcmd_t **q_p)
     *q_p = NULL;
 }
 
-/* When the queue is full, answers "overloaded" (taking *req_p; for an
- * internal command named name, telling opts->internal) and returns true. */
-static bool s_full(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name)
+/* When the queue is full and the command is a client's, answers
+ * "overloaded" (taking *req_p) and returns true. */
+static bool s_full(sqlcmd_t *q, cmdsrv_req_t **req_p)
 {
     /* Internal commands are the service's own (a sweep, events it
      * applies), each kind bounded by its producer: refusing one would only
      * lose work that clients' commands crowded out. */
     if (q->queued < q->opts.queue_max || !*req_p)
         return false;
-    if (*req_p) {
-        cmdsrv_reply_error(q->srv, req_p, "overloaded", "too many commands queued; retry later");
-    } else {
-        log_warn("sqlcmd", "internal command failed command=%s code=overloaded", name);
-        if (q->opts.internal)
-            q->opts.internal(name, "overloaded", q->opts.arg);
-    }
-    *req_p = NULL;
+    cmdsrv_reply_error(q->srv, req_p, "overloaded", "too many commands queued; retry later");
     return true;
 }
 
@@ -604,7 +597,7 @@ void sqlcmd_submit(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name, json_t *
 {
     json_t *args = *args_p;
     *args_p = NULL;
-    if (s_full(q, req_p, name)) {
+    if (s_full(q, req_p)) {
         json_decref(args);
         return;
     }
@@ -667,7 +660,7 @@ int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name,
         return -1;
     if (!name)
         name = q->opts.lane->name;
-    if (s_full(q, req_p, name))
+    if (s_full(q, req_p))
         return 0;
     const Linli__Envelope *env = *req_p ? cmdsrv_req_envelope(*req_p) : NULL;
     char now[24];

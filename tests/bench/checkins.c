@@ -148,7 +148,6 @@ static void s_replies(s_client_t *c)
 typedef struct {
     s_client_t *cl;
     int n;
-    int64_t last_ack_ms;     /* out: wall clock when its last reply came */
 } s_group_t;
 
 static void *s_run(void *arg)
@@ -190,7 +189,6 @@ static void *s_run(void *arg)
             if (items[k].revents & ZMQ_POLLIN)
                 s_replies(&g->cl[k]);
     }
-    g->last_ack_ms = now_ms();
     for (int k = 0; k < g->n; k++) {
         free(g->cl[k].sent_at);
         zmq_close(g->cl[k].zs);
@@ -359,15 +357,13 @@ static int s_phase(const char *endpoint, s_phase_t phase, int round, const char 
     for (int t = 0; t < nthreads; t++) {
         int from = t * S_CLIENTS_PER_THREAD;
         groups[t] = (s_group_t){ cl + from, nclients - from < S_CLIENTS_PER_THREAD
-                                                ? nclients - from : S_CLIENTS_PER_THREAD, 0 };
+                                                ? nclients - from : S_CLIENTS_PER_THREAD };
         pthread_create(&th[t], NULL, s_run, &groups[t]);
     }
     int ok = 0, failed = 0;
-    for (int t = 0; t < nthreads; t++) {
+    for (int t = 0; t < nthreads; t++)
         pthread_join(th[t], NULL);
-        if (groups[t].last_ack_ms > s_last_ack_ms)
-            s_last_ack_ms = groups[t].last_ack_ms;
-    }
+    s_last_ack_ms = now_ms();   /* the last thread ended on its last reply */
     double secs = (double)(mono_us() - t0) / 1e6;
     s_ticks_now(&ticks1);
     for (int i = 0; i < nclients; i++) {
