@@ -95,7 +95,8 @@ static void s_row_fill(const outbox_t *o, const PGresult *res, int row, Linli__E
     /* The payload is the member of Event that the type names, set directly. */
     e->event = xmalloc(sizeof *e->event);
     linli__event__init(e->event);
-    if (pbjson_field(&linli__event__descriptor, name)) {
+    if (pbjson_field(&linli__event__descriptor, name) &&
+        !pbjson_set_field_flat(&e->event->base, name, PQgetvalue(res, row, 6))) {
         json_error_t jerr;
         char err[200];
         json_t *payload = json_loads(PQgetvalue(res, row, 6), 0, &jerr);

@@ -536,6 +536,161 @@ int pbjson_set_field(ProtobufCMessage *m, const char *name, const json_t *v, cha
     return s_to_field(&c, m, name, v, 1);
 }
 
+/* ---- flat text to a oneof member, without building the JSON tree ----
+ * Events and lane replies are flat objects of numbers and plain strings,
+ * one per check-in: parsing each into jansson's tree of hash tables cost
+ * more than the rest of publishing it. This reads that shape straight into
+ * the message and gives up on anything else, which the full path (jansson,
+ * then s_to_field) then handles, errors included; tests/fuzz/
+ * fuzz_pbjson_flat.c checks that both paths agree on whatever this one
+ * takes. */
+
+static const char *s_flat_ws(const char *p)
+{
+    while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
+        p++;
+    return p;
+}
+
+/* A string without escapes or control characters at p: its bytes in *s and
+ * *n, and the text past its closing quote; NULL for anything else. */
+static const char *s_flat_string(const char *p, const char **s, size_t *n)
+{
+    if (*p != '"')
+        return NULL;
+    const char *b = ++p;
+    for (; *p != '"'; p++)
+        if ((unsigned char)*p < 0x20 || *p == '\\')  /* the NUL at the end too */
+            return NULL;
+    *s = b;
+    *n = (size_t)(p - b);
+    return p + 1;
+}
+
+/* A JSON integer at p that fits int64 (as jansson reads it): its value in
+ * *out and the text past it; NULL for a fraction, an exponent, a leading
+ * zero or anything out of range. */
+static const char *s_flat_int(const char *p, int64_t *out)
+{
+    int neg = *p == '-';
+    p += neg;
+    if (*p < '0' || *p > '9' || (*p == '0' && p[1] >= '0' && p[1] <= '9'))
+        return NULL;
+    uint64_t v = 0;
+    int digits = 0;
+    for (; *p >= '0' && *p <= '9'; p++, digits++)
+        v = v * 10 + (uint64_t)(*p - '0');
+    /* 19 digits cannot overflow uint64; fewer than 20 is all int64 holds */
+    if (digits > 19 || *p == '.' || *p == 'e' || *p == 'E')
+        return NULL;
+    if (neg ? v > (uint64_t)INT64_MAX + 1 : v > (uint64_t)INT64_MAX)
+        return NULL;
+    *out = neg ? (int64_t)(0 - v) : (int64_t)v;
+    return p;
+}
+
+/* The value at p into field f of sub, as s_to_field and s_to_value store
+ * it; the text past it, or NULL when the full path must decide. */
+static const char *s_flat_value(const char *p, ProtobufCMessage *sub,
+                                const ProtobufCFieldDescriptor *f)
+{
+    char *base = (char *)sub, *slot = base + f->offset;
+    int64_t x = 0;
+    switch (f->type) {
+    case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32: case PROTOBUF_C_TYPE_SFIXED32:
+        if (!(p = s_flat_int(p, &x)) || x < INT32_MIN || x > INT32_MAX)
+            return NULL;
+        *(int32_t *)slot = (int32_t)x;
+        break;
+    case PROTOBUF_C_TYPE_UINT32: case PROTOBUF_C_TYPE_FIXED32:
+        if (!(p = s_flat_int(p, &x)) || x < 0 || x > UINT32_MAX)
+            return NULL;
+        *(uint32_t *)slot = (uint32_t)x;
+        break;
+    case PROTOBUF_C_TYPE_INT64: case PROTOBUF_C_TYPE_SINT64: case PROTOBUF_C_TYPE_SFIXED64:
+        if (!(p = s_flat_int(p, &x)))
+            return NULL;
+        *(int64_t *)slot = x;
+        break;
+    case PROTOBUF_C_TYPE_UINT64: case PROTOBUF_C_TYPE_FIXED64:
+        if (!(p = s_flat_int(p, &x)) || x < 0)
+            return NULL;
+        *(uint64_t *)slot = (uint64_t)x;
+        break;
+    case PROTOBUF_C_TYPE_BOOL:
+        if (!strncmp(p, "true", 4))
+            *(protobuf_c_boolean *)slot = 1, p += 4;
+        else if (!strncmp(p, "false", 5))
+            *(protobuf_c_boolean *)slot = 0, p += 5;
+        else
+            return NULL;
+        break;
+    case PROTOBUF_C_TYPE_STRING: {
+        const char *s;
+        size_t n;
+        if (!(p = s_flat_string(p, &s, &n)) || n > PBJSON_MAX_STRING || !utf8_valid(s, n))
+            return NULL;
+        *(char **)slot = xstrndup(s, n);
+        return p;
+    }
+    default:
+        return NULL;
+    }
+    if (f->label == PROTOBUF_C_LABEL_OPTIONAL && f->quantifier_offset)
+        *(protobuf_c_boolean *)(base + f->quantifier_offset) = 1;
+    return p;
+}
+
+int pbjson_set_field_flat(ProtobufCMessage *m, const char *name, const char *text)
+{
+    const ProtobufCFieldDescriptor *f =
+        protobuf_c_message_descriptor_get_field_by_name(m->descriptor, name);
+    if (!f || !(f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) || f->type != PROTOBUF_C_TYPE_MESSAGE)
+        return 0;
+    uint32_t *which = (uint32_t *)((char *)m + f->quantifier_offset);
+    const ProtobufCMessageDescriptor *desc = f->descriptor;
+    const char *p = s_flat_ws(text);
+    if (*which || desc->n_fields > 64 || *p != '{' || *(p = s_flat_ws(p + 1)) == '}')
+        return 0;
+    ProtobufCMessage *sub = xmalloc(desc->sizeof_message);
+    protobuf_c_message_init(desc, sub);
+    uint64_t seen = 0;   /* by field index: a key given twice is the full path's */
+    for (;;) {
+        const char *key;
+        size_t klen;
+        char kbuf[64];
+        if (!(p = s_flat_string(p, &key, &klen)) || klen >= sizeof kbuf)
+            goto fallback;
+        memcpy(kbuf, key, klen);
+        kbuf[klen] = '\0';
+        const ProtobufCFieldDescriptor *g =
+            protobuf_c_message_descriptor_get_field_by_name(desc, kbuf);
+        if (!g || g->label == PROTOBUF_C_LABEL_REPEATED || (g->flags & PROTOBUF_C_FIELD_FLAG_ONEOF))
+            goto fallback;
+        uint64_t bit = 1ull << (g - desc->fields);
+        if (seen & bit)
+            goto fallback;
+        seen |= bit;
+        p = s_flat_ws(p);
+        if (*p != ':' || !(p = s_flat_value(s_flat_ws(p + 1), sub, g)))
+            goto fallback;
+        p = s_flat_ws(p);
+        if (*p == '}')
+            break;
+        if (*p != ',')
+            goto fallback;
+        p = s_flat_ws(p + 1);
+    }
+    if (*s_flat_ws(p + 1) != '\0')
+        goto fallback;
+    *which = f->id;
+    *(ProtobufCMessage **)((char *)m + f->offset) = sub;
+    return 1;
+fallback:
+    protobuf_c_message_free_unpacked(sub, NULL);
+    return 0;
+}
+
 ProtobufCMessage *pbjson_parse(const ProtobufCMessageDescriptor *desc, const char *text,
                                size_t len, char *err, size_t errlen)
 {

@@ -63,6 +63,17 @@ ProtobufCMessage *pbjson_to_message(const ProtobufCMessageDescriptor *desc, cons
 int pbjson_set_field(ProtobufCMessage *m, const char *name, const json_t *v, char *err,
                      size_t errlen);
 
+/* The fast path of pbjson_set_field for the commonest text: a flat object
+ * whose values are integers, true/false and strings without escapes, each
+ * key a field of the member's message that is not repeated, not in a oneof
+ * and of an integer, bool or string type (an event payload, a scan's
+ * result). text is NUL-terminated JSON. When it is such an object, sets
+ * exactly what pbjson_set_field(m, name, <text parsed by jansson>) would
+ * and returns 1; for anything else (an empty object, nesting, escapes,
+ * reals, enums, a key given twice, an error of any kind) returns 0 and
+ * leaves m as it was, for the caller to take the full path. */
+int pbjson_set_field_flat(ProtobufCMessage *m, const char *name, const char *text);
+
 /* Convenience: parse text (len bytes, need not be NUL-terminated) as JSON and
  * convert as above. Same ownership and errors; a JSON syntax error (and a
  * key repeated in one object) is reported with its line and column. */

@@ -138,6 +138,10 @@ static Linli__Reply *s_lane_reply(const s_item_t *it)
     } else {
         reply = envelope_error_reply(it->code, it->message[0] ? it->message : it->code);
     }
+    /* the usual result, a flat object, without jansson; the rest as JSON */
+    if (it->result && (it->req || pbjson_field(&linli__reply__descriptor, it->name)) &&
+        pbjson_set_field_flat(&reply->base, it->name, it->result))
+        return reply;
     json_t *r = s_result_json(it);
     if (!r)
         return reply;

@@ -742,6 +742,93 @@ static void test_set_field(void **state)
     linli__event__free_unpacked(c, NULL);   /* part of a value is safe to free */
 }
 
+/* Sets member name of a new message of desc from text by the full path
+ * (jansson, then pbjson_set_field) and by pbjson_set_field_flat; returns
+ * whether the fast path took it, having checked that when it did both
+ * messages pack to the same bytes, and when it did not it left its message
+ * untouched. */
+static int s_flat_agrees(const ProtobufCMessageDescriptor *desc, const char *name,
+                         const char *text)
+{
+    ProtobufCMessage *fast = malloc(desc->sizeof_message);
+    protobuf_c_message_init(desc, fast);
+    int took = pbjson_set_field_flat(fast, name, text);
+    size_t lf = protobuf_c_message_get_packed_size(fast);
+    if (!took) {
+        assert_int_equal(lf, 0);
+    } else {
+        json_error_t jerr;
+        char err[200];
+        json_t *j = json_loads(text, 0, &jerr);
+        assert_non_null(j);
+        ProtobufCMessage *full = malloc(desc->sizeof_message);
+        protobuf_c_message_init(desc, full);
+        assert_int_equal(pbjson_set_field(full, name, j, err, sizeof err), 0);
+        size_t ls = protobuf_c_message_get_packed_size(full);
+        assert_int_equal(lf, ls);
+        uint8_t *bf = malloc(lf + 1), *bs = malloc(ls + 1);
+        protobuf_c_message_pack(fast, bf);
+        protobuf_c_message_pack(full, bs);
+        assert_memory_equal(bf, bs, lf);
+        free(bf);
+        free(bs);
+        protobuf_c_message_free_unpacked(full, NULL);
+        json_decref(j);
+    }
+    protobuf_c_message_free_unpacked(fast, NULL);
+    return took;
+}
+
+/* The fast path takes the flat objects the relay and the lanes produce and
+ * gives everything else to the full path. */
+static void test_set_field_flat(void **state)
+{
+    (void)state;
+    const ProtobufCMessageDescriptor *ev = &linli__event__descriptor;
+    const ProtobufCMessageDescriptor *re = &linli__reply__descriptor;
+    /* taken: as the scan lane and jsonb write them, any spacing, any order */
+    assert_true(s_flat_agrees(ev, "checked_in",
+        "{\"checkin_id\": 9, \"activity_id\": 4, \"person_id\": 17, \"community_id\": 2, "
+        "\"at\": 1700000000000, \"device_id\": \"gate-1\"}"));
+    assert_true(s_flat_agrees(ev, "checked_in",
+        " {\"device_id\":\"\xe6\xb1\x9f\xe6\xb5\xb7-1\",\"at\":-1,\n\t\"checkin_id\":0} \r\n"));
+    assert_true(s_flat_agrees(ev, "checked_in",
+        "{\"at\": -9223372036854775808, \"person_id\": 9223372036854775807}"));
+    assert_true(s_flat_agrees(re, "scan", "{\"accepted\": true, \"checkin_id\": 123}"));
+    assert_true(s_flat_agrees(re, "scan", "{\"accepted\": false, \"reason\": \"not_signed_up\"}"));
+    assert_true(s_flat_agrees(re, "scan", "{\"stamps\": 4294967295, \"stations\": 0}"));
+
+    /* left to the full path: not flat, not plain, not JSON, or an error */
+    static const char *const left[] = {
+        "{}", " { } ", "", "[]", "null", "{\"at\": 1",                  /* empty, not an object */
+        "{\"at\": 1}x", "{\"at\": 1,}", "{\"at\" 1}", "{at: 1}",       /* not JSON */
+        "{\"device_id\": \"a\\\"b\"}", "{\"device_id\": \"a\x01\"}",    /* escapes, control */
+        "{\"device_id\": \"\xff\xfe\"}",                                /* not UTF-8 */
+        "{\"at\": 1.5}", "{\"at\": 1e3}", "{\"at\": 01}", "{\"at\": -}",  /* not integers */
+        "{\"at\": 9223372036854775808}", "{\"at\": 12345678901234567890123}",
+        "{\"at\": \"5\"}", "{\"device_id\": 5}", "{\"at\": true}",      /* wrong types */
+        "{\"at\": 1, \"at\": 2}",                                        /* a key twice */
+        "{\"nope\": 1}", "{\"at\": null}", "{\"at\": {}}", "{\"at\": [1]}",
+    };
+    for (size_t i = 0; i < sizeof left / sizeof *left; i++)
+        assert_false(s_flat_agrees(ev, "checked_in", left[i]));
+    assert_false(s_flat_agrees(re, "scan", "{\"stamps\": -1}"));           /* out of range */
+    assert_false(s_flat_agrees(re, "scan", "{\"stamps\": 4294967296}"));
+    assert_false(s_flat_agrees(re, "scan", "{\"accepted\": truex}"));
+    assert_false(s_flat_agrees(re, "upload_scans", "{\"results\": []}"));  /* repeated */
+    assert_false(s_flat_agrees(ev, "nope", "{\"at\": 1}"));                /* no member */
+    assert_false(s_flat_agrees(re, "error", "{\"code\": \"x\"}"));         /* not a oneof */
+
+    /* a member already set stays as it was */
+    Linli__Event *e = malloc(sizeof *e);
+    linli__event__init(e);
+    assert_int_equal(pbjson_set_field_flat(&e->base, "checked_in", "{\"at\": 5}"), 1);
+    assert_int_equal(pbjson_set_field_flat(&e->base, "checked_out", "{\"at\": 6}"), 0);
+    assert_int_equal(e->event_case, LINLI__EVENT__EVENT_CHECKED_IN);
+    assert_int_equal(e->checked_in->at, 5);
+    linli__event__free_unpacked(e, NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -759,6 +846,7 @@ int main(void)
         cmocka_unit_test(test_limits),
         cmocka_unit_test(test_field_and_case_name),
         cmocka_unit_test(test_set_field),
+        cmocka_unit_test(test_set_field_flat),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
