@@ -29,6 +29,7 @@ typedef struct s_item {
 typedef struct {
     uint64_t *slot;
     size_t cap;               /* a power of two */
+    size_t used;              /* slots filled since the last reset */
 } s_set_t;
 
 /* A batch in the database, on its own connection. */
@@ -339,12 +340,19 @@ static void s_set_reset(s_set_t *set, int n)
     size_t need = 16;
     while (need < (size_t)n * 2 * (SQLCMD_CONFLICTS_MAX + 1))
         need *= 2;
-    if (need > set->cap) {
+    if (need > set->cap || (set->used && need * 8 <= set->cap)) {
+        /* grown to fit, or shrunk after a large batch so that a small one
+         * does not clear room for a large one */
         free(set->slot);
-        set->slot = xmalloc(need * sizeof *set->slot);
+        set->slot = xcalloc(need, sizeof *set->slot);
         set->cap = need;
+    } else if (set->used) {
+        /* a set nothing was added to is empty already: most looks pass
+         * over nothing, and a full clear per batch would cost more than
+         * the batch's conflict checks */
+        memset(set->slot, 0, set->cap * sizeof *set->slot);
     }
-    memset(set->slot, 0, set->cap * sizeof *set->slot);
+    set->used = 0;
 }
 
 static void s_set_add(s_set_t *set, const s_item_t *it)
@@ -353,6 +361,7 @@ static void s_set_add(s_set_t *set, const s_item_t *it)
         size_t j = it->conf[k] & (set->cap - 1);
         while (set->slot[j] && set->slot[j] != it->conf[k])
             j = (j + 1) & (set->cap - 1);
+        set->used += !set->slot[j];
         set->slot[j] = it->conf[k];
     }
 }
