@@ -677,7 +677,8 @@ int sqlcmd_submit_lane(sqlcmd_t *q, cmdsrv_req_t **req_p, const char *name,
         return 0;
     const Linli__Envelope *env = *req_p ? cmdsrv_req_envelope(*req_p) : NULL;
     char now[24];
-    snprintf(now, sizeof now, "%lld", (long long)now_ms());
+    size_t nlen = 0;
+    str_put_i64(now, sizeof now, &nlen, now_ms());
     const char *fixed[4] = { env && env->idempotency_key ? env->idempotency_key : "", now,
                              env && env->trace_id ? env->trace_id : "",
                              env && env->source ? env->source : "internal" };

@@ -8,7 +8,10 @@
 -- to commit: everything written after the turn is written one batch at a
 -- time. Now the idempotency records, the scan rows and the check-ins are
 -- written first, beside the other batch, and the turn is taken for the
--- events alone. Replies, rows and events are those of 006.
+-- events alone. Replies, rows and events are those of 006. PostgreSQL does
+-- not promise that order (it is how its executor finishes a statement's
+-- data-modifying parts); were it to change, the overlap would be lost,
+-- nothing else: the turn is still taken before the events are numbered.
 
 CREATE OR REPLACE FUNCTION registry.s_scan_lane(p_first integer, p_key text[],
                                                 p_now bigint[], p_trace text[],
