@@ -437,6 +437,15 @@ static int s_to_value(s_ctx_t *c, const ProtobufCFieldDescriptor *f, const json_
     return s_fail(c, "unsupported field type");
 }
 
+/* Sets the has_ flag of an optional scalar field f of m; strings and
+ * messages say it by their pointer, other fields have none. */
+static void s_mark_present(ProtobufCMessage *m, const ProtobufCFieldDescriptor *f)
+{
+    if (f->label == PROTOBUF_C_LABEL_OPTIONAL && f->quantifier_offset &&
+        f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE)
+        *(protobuf_c_boolean *)((char *)m + f->quantifier_offset) = 1;
+}
+
 /* Converts v, the value of key in the object for m, into m. */
 static int s_to_field(s_ctx_t *c, ProtobufCMessage *m, const char *key, const json_t *v,
                       int depth)
@@ -454,9 +463,8 @@ static int s_to_field(s_ctx_t *c, ProtobufCMessage *m, const char *key, const js
             return s_fail(c, "only one member of a oneof may be set, %s already is",
                           other->name);
         *which = f->id;
-    } else if (f->label == PROTOBUF_C_LABEL_OPTIONAL && f->quantifier_offset &&
-               f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE) {
-        *(protobuf_c_boolean *)(base + f->quantifier_offset) = 1;
+    } else {
+        s_mark_present(m, f);
     }
     if (f->label != PROTOBUF_C_LABEL_REPEATED)
         return s_to_value(c, f, v, base + f->offset, depth);
@@ -594,7 +602,7 @@ static const char *s_flat_int(const char *p, int64_t *out)
 static const char *s_flat_value(const char *p, ProtobufCMessage *sub,
                                 const ProtobufCFieldDescriptor *f)
 {
-    char *base = (char *)sub, *slot = base + f->offset;
+    char *slot = (char *)sub + f->offset;
     int64_t x = 0;
     switch (f->type) {
     case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32: case PROTOBUF_C_TYPE_SFIXED32:
@@ -631,13 +639,12 @@ static const char *s_flat_value(const char *p, ProtobufCMessage *sub,
         if (!(p = s_flat_string(p, &s, &n)) || n > PBJSON_MAX_STRING || !utf8_valid(s, n))
             return NULL;
         *(char **)slot = xstrndup(s, n);
-        return p;
+        break;
     }
     default:
         return NULL;
     }
-    if (f->label == PROTOBUF_C_LABEL_OPTIONAL && f->quantifier_offset)
-        *(protobuf_c_boolean *)(base + f->quantifier_offset) = 1;
+    s_mark_present(sub, f);
     return p;
 }
 

@@ -109,13 +109,20 @@ static void s_on_rows(const PGresult *res, void *arg)
     }
 }
 
+/* Whether the command's result may go into its reply: there is one, and
+ * it is not the result of an internal command (nobody reads it) of a kind
+ * no command returns, which must not turn an "ok" into a failure. */
+static bool s_result_wanted(const s_item_t *it)
+{
+    return it->result && (it->req || pbjson_field(&linli__reply__descriptor, it->name));
+}
+
 /* The command's result as the JSON object its reply carries (a new
- * reference), or NULL when the reply carries none: no result, an empty one,
- * or the result of an internal command (nobody reads it) of a kind no
- * command returns, which must not turn an "ok" into a failure. */
+ * reference), or NULL when the reply carries none: not wanted (above), or
+ * an empty one. */
 static json_t *s_result_json(const s_item_t *it)
 {
-    if (!it->result || !(it->req || pbjson_field(&linli__reply__descriptor, it->name)))
+    if (!s_result_wanted(it))
         return NULL;
     json_error_t jerr;
     json_t *r = json_loads(it->result, 0, &jerr);
@@ -140,8 +147,7 @@ static Linli__Reply *s_lane_reply(const s_item_t *it)
         reply = envelope_error_reply(it->code, it->message[0] ? it->message : it->code);
     }
     /* the usual result, a flat object, without jansson; the rest as JSON */
-    if (it->result && (it->req || pbjson_field(&linli__reply__descriptor, it->name)) &&
-        pbjson_set_field_flat(&reply->base, it->name, it->result))
+    if (s_result_wanted(it) && pbjson_set_field_flat(&reply->base, it->name, it->result))
         return reply;
     json_t *r = s_result_json(it);
     if (!r)
